@@ -37,5 +37,6 @@ setuptools.setup(
     extras_require={"dev": cfg["dev_requirements"].split()},
     python_requires=">=" + min_python,
     zip_safe=False,
-    entry_points={"nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
+    entry_points={"console_scripts": cfg.get("console_scripts", "").split(),
+                  "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
 )
