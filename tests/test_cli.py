@@ -1,0 +1,95 @@
+"The `simple-diffusion` console script: end to end on digits, resume, and one-line errors for bad input."
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from simple_diffusion.cli import build_parser, main
+from simple_diffusion.training import TrainConfig, load_checkpoint, load_trained
+
+EXE = shutil.which("simple-diffusion", path=str(Path(sys.executable).parent)) or shutil.which("simple-diffusion")
+
+
+def run(*args, timeout=180):
+    assert EXE, "the console script is not installed: pip install -e . --no-deps"
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_train_digits_end_to_end(tmp_path):
+    out = tmp_path / "digits"
+    r = run("train", "--data", "digits", "--steps", 5, "--out", out, "--seed", 0, "--batch-size", 16, "--device", "cpu",
+            "--log-every", 2, "--class-conditional", "--model-kwargs", '{"base_channels": 8}')
+    assert r.returncode == 0, r.stderr
+    assert "trained 5 steps" in r.stdout
+    ck = load_checkpoint(out)
+    assert ck["state"]["step"] == 5 and ck["config"]["class_conditional"] and ck["config"]["data"] == "digits"
+    model, cfg = load_trained(out)
+    y = torch.tensor([3, 10])                                             # a digit label and the null class
+    assert model(torch.zeros(2, 1, 8, 8), torch.tensor([0, 999]), y=y).shape == (2, 1, 8, 8)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4, 5] and all(r["images_per_s"] > 0 for r in log)
+    # resuming continues the run; a changed learning rate is refused with one line
+    r = run("train", "--out", out, "--resume", "--steps", 7, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out)["state"]["step"] == 7
+
+
+def test_resume_refusals_in_process(tmp_path, capsys):
+    out = str(tmp_path / "moons")
+    common = ["--log-every", "2", "--device", "cpu", "--quiet", "--model-kwargs", '{"hidden": 8, "depth": 1}']
+    assert main(["train", "--data", "moons", "--out", out, "--steps", "2", *common]) == 0
+    assert main(["train", "--out", out, "--resume", "--steps", "4", "--lr", "0.5"]) == 1       # a changed lr is refused
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lr" in err and "config.json" in err
+    assert main(["train", "--data", "moons", "--out", out, "--steps", "4"]) == 1              # no --resume: no overwrite
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main(["train", "--out", out, "--resume", "--steps", "4", "--quiet"]) == 0
+    assert load_checkpoint(out)["state"]["step"] == 4
+
+
+@pytest.mark.parametrize("args, word", [
+    (["train", "--data", "mnist", "--out", "{tmp}/a"], "data must be"),
+    (["train", "--data", "moons", "--steps", "-3", "--out", "{tmp}/b"], "steps"),
+    (["train", "--data", "{tmp}/nope.npy", "--out", "{tmp}/c"], "nope.npy"),
+    (["train", "--data", "moons", "--device", "tpu0", "--out", "{tmp}/d"], "device"),
+    (["train", "--data", "moons", "--out", "{tmp}/e", "--resume"], "latest"),
+    (["train", "--data", "moons", "--batch-size", "many", "--out", "{tmp}/f"], "--batch-size"),
+    (["train", "--data", "moons"], "--out"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, word):
+    try: status = main([a.format(tmp=tmp_path) for a in args])
+    except SystemExit as e: status = e.code                               # argparse's own errors exit directly
+    err = capsys.readouterr().err.strip()
+    assert status != 0 and len(err.splitlines()) == 1 and word in err, err
+    assert not any(tmp_path.iterdir())                                    # nothing written for a bad run
+
+
+@pytest.mark.slow
+def test_bad_input_no_traceback_in_a_real_process(tmp_path):
+    for args in (["train", "--data", "mnist", "--out", tmp_path / "a"], ["train", "--data", "moons", "--device", "tpu0", "--out", tmp_path / "b"],
+                 ["train", "--data", "moons", "--steps", "x", "--out", tmp_path / "c"]):
+        r = run(*args)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_unreadable_npy_in_process(tmp_path, capsys):
+    np.save(tmp_path / "big.npy", np.full((4, 8, 8), 3.0))                 # floats outside [-1, 1]
+    assert main(["train", "--data", str(tmp_path / "big.npy"), "--out", str(tmp_path / "run"), "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "[-1, 1]" in err
+
+
+def test_options_map_to_config_fields():
+    args = build_parser().parse_args(["train", "--out", "x", "--batch-size", "8", "--num-timesteps", "100", "--no-amp",
+                                      "--ema-decay", "0.9", "--model-kwargs", '{"hidden": 8}'])
+    fields = set(TrainConfig.__dataclass_fields__)
+    given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
+    assert given == dict(batch_size=8, num_timesteps=100, amp=False, ema_decay=0.9, model_kwargs={"hidden": 8})
+    assert all(v is None for k, v in vars(args).items() if k in fields and k not in given)   # unset: None, not a default
