@@ -17,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
 def device(request):
     "Every test that takes `device` runs on the CPU and, where available, on CUDA."
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny tensors: one intra-op thread is several times faster than two on a shared CPU; restored afterwards."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

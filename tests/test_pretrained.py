@@ -14,13 +14,7 @@ from simple_diffusion.sampling import sample
 from simple_diffusion.schedules import NoiseSchedule
 from simple_diffusion.training import TrainConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors: one intra-op thread is several times faster than two on a shared CPU; restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 SHIPPED = ("digits", "digits_cond", "gmm8")

@@ -12,13 +12,7 @@ from simple_diffusion.sampling import (SAMPLERS, SPACINGS, SpacedSchedule, Traje
                                        dynamic_threshold, mmd2_rbf, respace, sample, space_timesteps)
 from simple_diffusion.schedules import NoiseSchedule
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors: one intra-op thread is several times faster than two on a shared CPU; restored afterwards."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
 
 SCHED = NoiseSchedule.from_name("cosine", 1000)
