@@ -73,6 +73,41 @@ def _sample_command(args) -> int:
     print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}" + (f" and {args.npy}" if args.npy else ""))
     return 0
 
+# %% ../nbs/14_cli.ipynb #2db432e4
+def _add_evaluate_parser(sub):
+    "Options of `simple-diffusion evaluate`."
+    e = sub.add_parser("evaluate", help="sample an 8×8 digits model and print FID, KID, IS, precision/recall... as JSON",
+                       description="Sample a digits model and score the samples against the training digits (evaluate_samples).")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or a ckpt-* directory")
+    src.add_argument("--pretrained", help="a model shipped with the package: digits or digits_cond")
+    for flag, typ, default, help in (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"), ("--steps", int, 50, "network evaluations"),
+                                     ("--eta", float, 0.0, "DDIM's eta in [0, 1]"), ("--spacing", str, "leading", "linspace, leading or trailing"),
+                                     ("--n", int, 2000, "number of samples"), ("--seed", int, 0, "random seed of the samples and of KID's subsets"),
+                                     ("--batch-size", int, None, "samples per network call (default: all)"), ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
+        e.add_argument(flag, type=typ, default=default, help=f"{help} (default {default})")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+
+def _evaluate_command(args) -> int:
+    from simple_diffusion.data import load_digits
+    from simple_diffusion.metrics import evaluate_samples
+    if args.n < 2: raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.pretrained is not None:
+        model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
+        info = pretrained.card(args.pretrained)
+    else:
+        model, cfg = load_trained(args.checkpoint, device=args.device)
+        info, schedule = load_checkpoint(args.checkpoint)["state"], NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
+    shape = tuple(info["data_shape"])
+    if shape != (1, 8, 8): raise ValueError(f"evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), this one has data shape {shape}")
+    dev = next(model.parameters()).device
+    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing, prediction=cfg.prediction,
+               variance="learned_range" if cfg.loss == "hybrid" else "fixed_small", clip_denoised=True,
+               generator=torch.Generator(dev).manual_seed(args.seed), batch_size=args.batch_size, progress=not args.quiet)
+    scores = evaluate_samples(x.float().cpu(), load_digits("train")[0], seed=args.seed)
+    print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
+    return 0
+
 # %% ../nbs/14_cli.ipynb #0a066890
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit status 2."
@@ -106,7 +141,7 @@ _TRAIN_OPTIONS = [  # (flag, TrainConfig field, type, help)
 ]
 
 def build_parser() -> argparse.ArgumentParser:
-    "The `simple-diffusion` parser, with one subcommand per task: train, sample."
+    "The `simple-diffusion` parser, with one subcommand per task: train, sample, evaluate."
     p = _Parser(prog="simple-diffusion", description="Denoising diffusion models, derived and measured.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train a model; checkpoints and log.jsonl go into --out",
@@ -119,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sample_parser(sub)
+    _add_evaluate_parser(sub)
     return p
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
@@ -136,7 +172,7 @@ def main(argv: list[str] | None = None,  # the arguments after the program name;
         ) -> int:                        # the exit status
     "Entry point of the `simple-diffusion` console script."
     args = build_parser().parse_args(argv)
-    try: return {"train": _train_command, "sample": _sample_command}[args.command](args)
+    try: return {"train": _train_command, "sample": _sample_command, "evaluate": _evaluate_command}[args.command](args)
     except (ValueError, OSError, FloatingPointError) as e:       # user errors: bad option values, files, divergence
         print(f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -93,3 +93,34 @@ def test_options_map_to_config_fields():
     given = {k: v for k, v in vars(args).items() if v is not None and k in fields}
     assert given == dict(batch_size=8, num_timesteps=100, amp=False, ema_decay=0.9, model_kwargs={"hidden": 8})
     assert all(v is None for k, v in vars(args).items() if k in fields and k not in given)   # unset: None, not a default
+
+
+@pytest.mark.slow
+def test_evaluate_pretrained_digits_end_to_end():
+    r = run("evaluate", "--pretrained", "digits", "--sampler", "ddim", "--steps", 10, "--n", 80, "--seed", 0, "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)                                          # stdout is exactly one JSON object
+    assert {"fid", "kid", "inception_score", "precision", "recall", "density", "coverage", "n_samples", "n_reference"} <= set(scores)
+    assert scores["n_samples"] == 80 and scores["n_reference"] == 1437 and scores["sampler"] == "ddim" and scores["steps"] == 10
+    for key in ("fid", "kid", "inception_score", "precision", "recall", "density", "coverage"):
+        assert np.isfinite(scores[key]).all(), (key, scores[key])
+    assert scores["fid"] >= 0 and 1 <= scores["inception_score"][0] <= 10 and 0 <= scores["precision"] <= 1 and 0 <= scores["recall"] <= 1
+
+
+def test_evaluate_refuses_non_digit_models_in_one_line():
+    r = run("evaluate", "--pretrained", "gmm8", "--n", 20, "--device", "cpu", "--quiet")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "8×8" in err and "(2,)" in err, err
+
+
+@pytest.mark.parametrize("args, word", [
+    (["evaluate", "--pretrained", "digits", "--n", "1"], "--n"),
+    (["evaluate", "--n", "10"], "--checkpoint"),
+    (["evaluate", "--pretrained", "digits", "--checkpoint", "x", "--n", "10"], "not allowed"),
+])
+def test_evaluate_bad_input_is_one_line(capsys, args, word):
+    try: status = main(args)
+    except SystemExit as e: status = e.code
+    err = capsys.readouterr().err.strip()
+    assert status != 0 and len(err.splitlines()) == 1 and word in err, err
