@@ -26,41 +26,55 @@ from .sampling import sample
 from .schedules import NoiseSchedule
 from .training import load_checkpoint, load_trained
 
-def _add_sample_parser(sub):
-    "Options of `simple-diffusion sample`."
-    s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
-                       description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save the samples as a PNG grid.")
-    src = s.add_mutually_exclusive_group(required=True)
+def _add_model_options(p, n_default: int, models: str):
+    "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
+    src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or a ckpt-* directory")
-    src.add_argument("--pretrained", help="a model shipped with the package: digits, digits_cond or gmm8")
-    s.add_argument("--out", required=True, help="the .png file to write")
-    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
+    src.add_argument("--pretrained", help=f"a model shipped with the package: {models}")
     for flag, typ, default, help in (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"), ("--steps", int, 50, "network evaluations"),
                                      ("--eta", float, 0.0, "DDIM's eta in [0, 1]"), ("--spacing", str, "leading", "linspace, leading or trailing"),
-                                     ("--n", int, 64, "number of samples"), ("--seed", int, 0, "random seed"),
+                                     ("--n", int, n_default, "number of samples"), ("--seed", int, 0, "random seed"),
                                      ("--batch-size", int, None, "samples per network call (default: all)"), ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
-        s.add_argument(flag, type=typ, default=default, help=f"{help} (default {default})")
-    s.add_argument("--label", type=int, default=None, help="class label for a class-conditional model (default: unconditional)")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.add_argument(flag, type=typ, default=default, help=f"{help} (default {default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-def _sample_command(args) -> int:
-    if not args.out.endswith(".png"): raise ValueError(f"--out must name a .png file, got {args.out!r}")
-    if args.n < 1: raise ValueError(f"--n must be >= 1, got {args.n}")
+def _load_model(args):
+    "(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or --checkpoint."
     if args.pretrained is not None:
         model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
         info = pretrained.card(args.pretrained)
     else:
         model, cfg = load_trained(args.checkpoint, device=args.device)
         info, schedule = load_checkpoint(args.checkpoint)["state"], NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
-    shape, K = tuple(info["data_shape"]), info["num_classes"]
+    return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
+
+def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, model_kwargs=None) -> torch.Tensor:
+    "Sample args.n examples with the sampler options of `args`; float32 on the CPU."
+    dev = next(model.parameters()).device
+    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing, prediction=cfg.prediction,
+               variance="learned_range" if cfg.loss == "hybrid" else "fixed_small", clip_denoised=clip_denoised,
+               generator=torch.Generator(dev).manual_seed(args.seed), model_kwargs=model_kwargs or {},
+               batch_size=args.batch_size, progress=not args.quiet)
+    return x.float().cpu()
+
+def _add_sample_parser(sub):
+    "Options of `simple-diffusion sample`."
+    s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
+                       description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save the samples as a PNG grid.")
+    _add_model_options(s, 64, "digits, digits_cond or gmm8")
+    s.add_argument("--out", required=True, help="the .png file to write")
+    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
+    s.add_argument("--label", type=int, default=None, help="class label for a class-conditional model (default: unconditional)")
+
+def _sample_command(args) -> int:
+    if not args.out.endswith(".png"): raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    if args.n < 1: raise ValueError(f"--n must be >= 1, got {args.n}")
+    model, schedule, cfg, shape, K = _load_model(args)
     if args.label is not None and (K is None or not 0 <= args.label <= K):
         raise ValueError(f"--label must be in [0, {K}] ({K} = unconditional)" if K else "--label needs a class-conditional model; this one has no labels")
     dev = next(model.parameters()).device
     kw = {} if args.label is None else {"y": torch.full((args.n,), args.label, dtype=torch.long, device=dev)}
-    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing, prediction=cfg.prediction,
-               variance="learned_range" if cfg.loss == "hybrid" else "fixed_small", clip_denoised=len(shape) == 3,
-               generator=torch.Generator(dev).manual_seed(args.seed), model_kwargs=kw, batch_size=args.batch_size, progress=not args.quiet)
-    x = x.float().cpu()
+    x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, model_kwargs=kw)
     if len(shape) == 3:
         from matplotlib.image import imsave
         grid = make_grid(x, nrow=math.ceil(math.sqrt(args.n)))
@@ -78,33 +92,16 @@ def _add_evaluate_parser(sub):
     "Options of `simple-diffusion evaluate`."
     e = sub.add_parser("evaluate", help="sample an 8×8 digits model and print FID, KID, IS, precision/recall... as JSON",
                        description="Sample a digits model and score the samples against the training digits (evaluate_samples).")
-    src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or a ckpt-* directory")
-    src.add_argument("--pretrained", help="a model shipped with the package: digits or digits_cond")
-    for flag, typ, default, help in (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"), ("--steps", int, 50, "network evaluations"),
-                                     ("--eta", float, 0.0, "DDIM's eta in [0, 1]"), ("--spacing", str, "leading", "linspace, leading or trailing"),
-                                     ("--n", int, 2000, "number of samples"), ("--seed", int, 0, "random seed of the samples and of KID's subsets"),
-                                     ("--batch-size", int, None, "samples per network call (default: all)"), ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
-        e.add_argument(flag, type=typ, default=default, help=f"{help} (default {default})")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(e, 2000, "digits or digits_cond")
 
 def _evaluate_command(args) -> int:
     from simple_diffusion.data import load_digits
     from simple_diffusion.metrics import evaluate_samples
     if args.n < 2: raise ValueError(f"--n must be >= 2, got {args.n}")
-    if args.pretrained is not None:
-        model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
-        info = pretrained.card(args.pretrained)
-    else:
-        model, cfg = load_trained(args.checkpoint, device=args.device)
-        info, schedule = load_checkpoint(args.checkpoint)["state"], NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
-    shape = tuple(info["data_shape"])
+    model, schedule, cfg, shape, _ = _load_model(args)
     if shape != (1, 8, 8): raise ValueError(f"evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), this one has data shape {shape}")
-    dev = next(model.parameters()).device
-    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing, prediction=cfg.prediction,
-               variance="learned_range" if cfg.loss == "hybrid" else "fixed_small", clip_denoised=True,
-               generator=torch.Generator(dev).manual_seed(args.seed), batch_size=args.batch_size, progress=not args.quiet)
-    scores = evaluate_samples(x.float().cpu(), load_digits("train")[0], seed=args.seed)
+    x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
+    scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
     print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
     return 0
 
