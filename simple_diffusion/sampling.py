@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .core import pick_device
+from .elbo import _randn
 from .parameterization import PREDICTIONS, VARIANCES, _check_choice, _fixed_large_variance, _reverse_log_variance
 from .schedules import NoiseSchedule
 
@@ -135,10 +136,6 @@ class Trajectory(NamedTuple):
     pred_x0: torch.Tensor    # [S, N, ...] the x̂_0 of each step
     timesteps: torch.Tensor  # [S] the original code timesteps visited, in order (descending)
 
-def _randn(x, generator):
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-
 def _sample_chunk(model, spaced, x, sampler, eta, opts, generator, model_kwargs, bar, traj):
     "Run one batch x = x_T through all steps of `spaced`, Eqs. (eq-sampling-ddpm), (eq-sampling-ddim), (eq-sampling-dpmpp2m)."
     ab, abp = spaced.alphas_cumprod.tolist(), spaced.alphas_cumprod_prev.tolist()
@@ -155,8 +152,8 @@ def _sample_chunk(model, spaced, x, sampler, eta, opts, generator, model_kwargs,
             mean = c1[i] * x0 + c2[i] * x
             if i > 0 and learned:
                 std_i = (0.5 * _reverse_log_variance(spaced, torch.full((B,), i, device=dev), x, "learned_range", var_values)[1]).exp()
-            x = mean + (std_i if learned else std[i]) * _randn(x, generator) if i > 0 else mean
-        elif sampler == "ddim": x = ddim_step(x, x0, eps, ab[i], abp[i], eta, _randn(x, generator) if eta > 0 and i > 0 else None)
+            x = mean + (std_i if learned else std[i]) * _randn(x.shape, x, generator) if i > 0 else mean
+        elif sampler == "ddim": x = ddim_step(x, x0, eps, ab[i], abp[i], eta, _randn(x.shape, x, generator) if eta > 0 and i > 0 else None)
         else: x, last = dpmpp2m_step(x, x0, ab[i], abp[i], *last), (x0, ab[i])
         if traj is not None: traj[0].append(x); traj[1].append(x0)
         bar.update()
