@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['pick_device', 'full_run', 'glue', 'make_grid', 'show_images']
+__all__ = ['pick_device', 'full_run', 'glue', 'check_int', 'check_number', 'check_choice', 'check_tensor', 'randn', 'make_grid',
+           'show_images']
 
 # %% ../nbs/00_core.ipynb #996efdaf
 def pick_device(device: str | torch.device = "auto",  # "auto", "cpu", "cuda", "cuda:N" or "mps"
@@ -43,6 +44,89 @@ def glue(name: str,            # the key the Markdown refers to, as {glue:text}`
     except ImportError: return value
     _glue(name, value, display=display)
     return value
+
+# %% ../nbs/00_core.ipynb #baf8ac9c
+def _interval(lo, hi, lo_open=False, hi_open=False) -> str:
+    "The text of an interval such as '[0, 1)' for error messages."
+    left = "(" if lo_open or lo is None else "["
+    right = ")" if hi_open or hi is None else "]"
+    return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+
+def check_int(value,                # the argument to check
+              name: str,            # its name, for the message
+              lo: int | None = None,  # smallest allowed value, or None
+              hi: int | None = None,  # largest allowed value, or None
+             ) -> int:
+    "`value` as an `int` if it is an integer (integral float allowed, bool refused) in [lo, hi]."
+    is_num = isinstance(value, (int, float, np.integer, np.floating))
+    ok = is_num and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    ok = ok and int(value) == value
+    ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        raise ValueError(f"{name} must be an integer in {_interval(lo, hi)}, got {value!r}")
+    return int(value)
+
+# %% ../nbs/00_core.ipynb #aec0d532
+def check_number(value,               # the argument to check
+                 name: str,           # its name, for the message
+                 lo: float | None = None,   # lower bound, or None
+                 hi: float | None = None,   # upper bound, or None
+                 *,
+                 lo_open: bool = False,     # exclude lo itself
+                 hi_open: bool = False,     # exclude hi itself
+                ) -> float:
+    "`value` as a `float` if it is a finite real number (bool refused) in the given interval."
+    is_num = isinstance(value, (int, float, np.integer, np.floating))
+    ok = is_num and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
+    ok = ok and (lo is None or (value > lo if lo_open else value >= lo))
+    ok = ok and (hi is None or (value < hi if hi_open else value <= hi))
+    if not ok:
+        where = _interval(lo, hi, lo_open, hi_open)
+        raise ValueError(f"{name} must be a finite number in {where}, got {value!r}")
+    return float(value)
+
+
+def check_choice(value,          # the argument to check
+                 allowed,        # the allowed values (a tuple)
+                 name: str,      # its name, for the message
+                ):
+    "`value` itself if it is one of `allowed`; else ValueError listing them."
+    same = lambda a: value is a or (type(value) is type(a) or isinstance(value, str) and
+                                    isinstance(a, str)) and value == a
+    if not any(same(a) for a in allowed):
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+    return value
+
+# %% ../nbs/00_core.ipynb #12d88d20
+def check_tensor(x,                        # the argument to check
+                 name: str,                # its name, for the message
+                 *,
+                 min_ndim: int = 1,        # at least this many dimensions ([B, ...] by default)
+                 shape: tuple | None = None,  # the exact shape required, if any
+                 floating: bool = True,    # require a real floating dtype
+                 finite: bool = False,     # also require every value finite (one host sync)
+                ) -> torch.Tensor:
+    "`x` itself if it is a tensor of the required rank/shape/dtype (and finite, if asked)."
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if floating and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < min_ndim or (shape is not None and tuple(x.shape) != tuple(shape)):
+        want = f"shape {tuple(shape)}" if shape is not None else f"at least {min_ndim} dimension(s)"
+        raise ValueError(f"{name} must have {want}, got shape {tuple(x.shape)}")
+    if finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} must be finite, found NaN or Inf")
+    return x
+
+
+def randn(shape: tuple,                            # the shape of the noise
+          like: torch.Tensor,                      # supplies dtype and device
+          generator: torch.Generator | None = None,  # drawn from it (on its device) if given
+         ) -> torch.Tensor:
+    "Standard normal noise with `like`'s dtype and device, reproducible from `generator`."
+    dev = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
 
 # %% ../nbs/00_core.ipynb #babbb6ba
 def make_grid(images: torch.Tensor,  # [B, C, H, W], values in [-1, 1]

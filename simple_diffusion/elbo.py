@@ -10,6 +10,7 @@ import torch
 from torch.special import log_ndtr
 from tqdm import tqdm
 
+from .core import randn
 from .forward import _check_x, q_mean_variance, q_sample
 from .parameterization import PREDICTIONS, VARIANCES, _check_choice, p_mean_variance, v_from_x0_eps
 from .posterior import q_posterior_mean_variance
@@ -119,11 +120,6 @@ class ELBO(NamedTuple):
     terms: torch.Tensor    # [B, T]: column 0 the decoder L_0, column t >= 1 the KL at code step t
     decoder: torch.Tensor  # [B] = terms[:, 0]
 
-def _randn(shape, like, generator):
-    "Standard normal noise with like's dtype on like's device, drawn from generator if given."
-    dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
-
 def elbo_bpd(model: Callable,                # model(x_t, t, **model_kwargs)
              schedule: NoiseSchedule,
              x0: torch.Tensor,               # [B, ...] clean data
@@ -149,7 +145,7 @@ def elbo_bpd(model: Callable,                # model(x_t, t, **model_kwargs)
         for start in tqdm(range(0, T, k), desc="ELBO", unit=f"×{k} steps", disable=not progress):
             ts = torch.arange(start, min(start + k, T), device=x0.device)
             xb, tb = rep(x0, len(ts)), ts.repeat_interleave(B)
-            xt = q_sample(schedule, xb, tb, noise=_randn(xb.shape, xb, generator))
+            xt = q_sample(schedule, xb, tb, noise=randn(xb.shape, xb, generator))
             kw = {name: rep(v, len(ts)) for name, v in (model_kwargs or {}).items()}
             terms[:, ts] = vb_terms_bpd(model, schedule, xb, xt, tb, prediction=prediction, variance=variance,
                                         clip_denoised=clip_denoised, decoder=decoder, model_kwargs=kw).reshape(len(ts), B).T
@@ -166,7 +162,7 @@ def _draw_t_noise(schedule, x0, t, noise, generator):
         dev = generator.device if generator is not None else x0.device
         t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator, device=dev).to(x0.device)
     schedule.check_t(t, B)
-    if noise is None: noise = _randn(x0.shape, x0, generator)
+    if noise is None: noise = randn(x0.shape, x0, generator)
     elif not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
         raise ValueError(f"noise must be a tensor with the shape of x0 {tuple(x0.shape)}, got {tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
     return t, noise.to(x0.dtype)

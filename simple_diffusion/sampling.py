@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .core import pick_device
-from .elbo import _randn
+from .core import pick_device, randn
 from .parameterization import PREDICTIONS, VARIANCES, _check_choice, _fixed_large_variance, _reverse_log_variance
 from .schedules import NoiseSchedule
 
@@ -152,8 +151,8 @@ def _sample_chunk(model, spaced, x, sampler, eta, opts, generator, model_kwargs,
             mean = c1[i] * x0 + c2[i] * x
             if i > 0 and learned:
                 std_i = (0.5 * _reverse_log_variance(spaced, torch.full((B,), i, device=dev), x, "learned_range", var_values)[1]).exp()
-            x = mean + (std_i if learned else std[i]) * _randn(x.shape, x, generator) if i > 0 else mean
-        elif sampler == "ddim": x = ddim_step(x, x0, eps, ab[i], abp[i], eta, _randn(x.shape, x, generator) if eta > 0 and i > 0 else None)
+            x = mean + (std_i if learned else std[i]) * randn(x.shape, x, generator) if i > 0 else mean
+        elif sampler == "ddim": x = ddim_step(x, x0, eps, ab[i], abp[i], eta, randn(x.shape, x, generator) if eta > 0 and i > 0 else None)
         else: x, last = dpmpp2m_step(x, x0, ab[i], abp[i], *last), (x0, ab[i])
         if traj is not None: traj[0].append(x); traj[1].append(x0)
         bar.update()
