@@ -8,10 +8,11 @@ import os
 
 import numpy as np
 import torch
+from fastcore.basics import patch as _fastcore_patch
 
 # %% auto #0
-__all__ = ['pick_device', 'full_run', 'glue', 'check_int', 'check_number', 'check_choice', 'check_tensor', 'randn', 'make_grid',
-           'show_images']
+__all__ = ['pick_device', 'full_run', 'glue', 'check_int', 'check_number', 'check_choice', 'check_tensor', 'randn', 'noise_like',
+           'patch', 'make_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #996efdaf
 def pick_device(device: str | torch.device = "auto",  # "auto", "cpu", "cuda", "cuda:N" or "mps"
@@ -58,10 +59,8 @@ def check_int(value,                # the argument to check
               lo: int | None = None,  # smallest allowed value, or None
               hi: int | None = None,  # largest allowed value, or None
              ) -> int:
-    "`value` as an `int` if it is an integer (integral float allowed, bool refused) in [lo, hi]."
-    is_num = isinstance(value, (int, float, np.integer, np.floating))
-    ok = is_num and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
-    ok = ok and int(value) == value
+    "`value` as an `int` if it is a Python or NumPy integer (not a bool, not a float) in [lo, hi]."
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
         raise ValueError(f"{name} must be an integer in {_interval(lo, hi)}, got {value!r}")
@@ -127,6 +126,24 @@ def randn(shape: tuple,                            # the shape of the noise
     "Standard normal noise with `like`'s dtype and device, reproducible from `generator`."
     dev = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+
+
+def noise_like(noise: torch.Tensor | None,   # given noise, or None to draw it
+               like: torch.Tensor,           # the data it goes with: shape, dtype, device
+               generator: torch.Generator | None = None,  # used when noise is None
+               name: str = "noise",          # the argument's name, for the message
+              ) -> torch.Tensor:
+    "`noise` checked (a float tensor of `like`'s shape) and cast to `like`; fresh N(0, I) if None."
+    if noise is None:
+        return randn(like.shape, like, generator)
+    check_tensor(noise, name, shape=like.shape)
+    return noise.to(dtype=like.dtype, device=like.device)
+
+# %% ../nbs/00_core.ipynb #b23131d3
+def patch(f):
+    "fastcore's `@patch` (add `f` to the class of its first argument), returning `f`, not None."
+    _fastcore_patch(f)
+    return f
 
 # %% ../nbs/00_core.ipynb #babbb6ba
 def make_grid(images: torch.Tensor,  # [B, C, H, W], values in [-1, 1]

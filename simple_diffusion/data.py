@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .core import check_int, check_number, patch
+
 # %% auto #0
-__all__ = ['TOY_DATASETS', 'load_digits', 'GaussianMixture', 'toy_mixture', 'make_toy']
+__all__ = ['TOY_DATASETS', 'TOY_SAMPLES', 'load_digits', 'GaussianMixture', 'toy_mixture', 'make_toy', 'load_npy_images',
+           'load_training_data']
 
 # %% ../nbs/01_data.ipynb #a117d637
 def load_digits(split: str = "train",       # "train", "test" or "all"
@@ -25,8 +30,9 @@ def load_digits(split: str = "train",       # "train", "test" or "all"
     from sklearn.model_selection import train_test_split
     if split not in ("train", "test", "all"): raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
     if not 0 < test_fraction < 1: raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    if int(pad) != pad or pad < 0: raise ValueError(f"pad must be an integer >= 0, got {pad}")
-    if size is not None and (int(size) != size or size < 1): raise ValueError(f"size must be None or an integer >= 1, got {size}")
+    check_number(test_fraction, "test_fraction", 0, 1, lo_open=True, hi_open=True)
+    pad = check_int(pad, "pad", 0)
+    size = None if size is None else check_int(size, "size", 1)
     d = _sk_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16 * 2 - 1).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
@@ -66,8 +72,6 @@ class GaussianMixture:
     def __repr__(self): return f"GaussianMixture(K={len(self.weights)}, D={self.dim})"
 
 # %% ../nbs/01_data.ipynb #a446ef43
-from fastcore.basics import patch
-
 @patch
 def component_log_prob(self: GaussianMixture,
                        x: torch.Tensor,  # [N, D]
@@ -90,9 +94,9 @@ def sample(self: GaussianMixture,
            generator: torch.Generator | None = None, # for reproducibility
           ) -> tuple[torch.Tensor, torch.Tensor]:    # x [n, D] float64, component index [n]
     "Draw n samples: pick a component by its weight, then add its Gaussian noise."
-    if int(n) != n or n < 1: raise ValueError(f"n must be an integer >= 1, got {n}")
-    k = torch.multinomial(self.weights, int(n), replacement=True, generator=generator)
-    eps = torch.randn(int(n), self.dim, generator=generator, dtype=torch.float64)
+    n = check_int(n, "n", 1)
+    k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+    eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
     return self.means[k] + self.stds[k] * eps, k
 
 # %% ../nbs/01_data.ipynb #1bb672f6
@@ -120,8 +124,7 @@ def make_toy(name: str,       # one of TOY_DATASETS
     "Sample n points of a named 2-D toy distribution (see `TOY_DATASETS`), reproducibly."
     from sklearn import datasets as skd
     if name not in TOY_DATASETS: raise ValueError(f"name must be one of {TOY_DATASETS}, got {name!r}")
-    if int(n) != n or n < 1: raise ValueError(f"n must be an integer >= 1, got {n}")
-    n = int(n)
+    n = check_int(n, "n", 1)
     if name == "moons":
         x = skd.make_moons(n, noise=0.05, random_state=seed)[0]
         x = (x - [0.5, 0.25]) / [0.87, 0.5]                    # centre and scale of the noiseless moons
@@ -130,3 +133,35 @@ def make_toy(name: str,       # one of TOY_DATASETS
     else:
         x = toy_mixture(name).sample(n, generator=torch.Generator().manual_seed(seed))[0].numpy()
     return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+
+# %% ../nbs/01_data.ipynb #5ee867a1
+def load_npy_images(path: str | os.PathLike,  # an .npy file: [N, H, W] or [N, C, H, W], uint8 0..255 or float in [-1, 1]
+                   ) -> torch.Tensor:         # [N, C, H, W] float32 in [-1, 1]
+    "Read and validate an array of images from an .npy file (never unpickling it)."
+    p = Path(path)
+    if not p.is_file(): raise FileNotFoundError(f"data={str(path)!r}: no such file")
+    try: a = np.load(p, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e: raise ValueError(f"data={str(path)!r}: not a readable .npy array ({e})") from None
+    if a.ndim not in (3, 4) or a.shape[0] == 0:
+        raise ValueError(f"data={str(path)!r}: images must be a non-empty [N, H, W] or [N, C, H, W] array, got shape {a.shape}")
+    if a.ndim == 3: a = a[:, None]
+    if not 1 <= a.shape[1] <= 4:
+        raise ValueError(f"data={str(path)!r}: expected [N, C, H, W] with 1 to 4 channels, got shape {a.shape} (channels-last arrays must be transposed)")
+    if a.dtype == np.uint8: return torch.from_numpy(np.asarray(a, dtype=np.float32) / 127.5 - 1)
+    if a.dtype.kind != "f": raise ValueError(f"data={str(path)!r}: dtype {a.dtype} is not supported; use uint8 (0..255) or float in [-1, 1]")
+    x = np.asarray(a, dtype=np.float32)
+    if not np.isfinite(x).all(): raise ValueError(f"data={str(path)!r}: the array contains NaN or Inf")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 or hi > 1: raise ValueError(f"data={str(path)!r}: float images must lie in [-1, 1], got values in [{lo:g}, {hi:g}]; rescale them (0..255 -> x/127.5 - 1)")
+    return torch.from_numpy(x.copy())
+
+# %% ../nbs/01_data.ipynb #dfe873b5
+TOY_SAMPLES = 20_000
+
+def load_training_data(data: str,  # "digits", a name from TOY_DATASETS, or a path to an .npy file of images
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # x [N, ...] float32, labels [N] long or None
+    "Resolve a dataset name or .npy path to tensors: digits (train split, labelled), a 2-D toy (20 000 points), or images."
+    if data == "digits": return load_digits("train")
+    if data in TOY_DATASETS: return make_toy(data, TOY_SAMPLES, seed=0), None
+    if data.endswith(".npy") or os.path.sep in data or Path(data).exists(): return load_npy_images(data), None
+    raise ValueError(f"data must be 'digits', one of {TOY_DATASETS} or a path to an .npy file, got {data!r}")

@@ -10,9 +10,9 @@ import torch
 from torch.special import log_ndtr
 from tqdm import tqdm
 
-from .core import randn
-from .forward import _check_x, q_mean_variance, q_sample
-from .parameterization import PREDICTIONS, VARIANCES, _check_choice, p_mean_variance, v_from_x0_eps
+from .core import check_choice, check_int, check_number, check_tensor, noise_like
+from .forward import q_mean_variance, q_sample
+from .parameterization import PREDICTIONS, VARIANCES, p_mean_variance, v_from_x0_eps
 from .posterior import q_posterior_mean_variance
 from .schedules import NoiseSchedule
 
@@ -56,7 +56,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor,           # [B, ...] 8-
                                         log_scales: torch.Tensor,  # log standard deviations, finite, broadcastable to x
                                        ) -> torch.Tensor:          # [B, ...] log-probability of x's bin, nats
     "log of the Gaussian's mass on the 2/255-wide bin of x, end bins open, Eq. (eq-elbo-decoder)."
-    x = _check_x(x, "x")
+    x = check_tensor(x, "x")
     if not isinstance(means, torch.Tensor) or means.shape != x.shape:
         raise ValueError(f"means must be a tensor with the shape of x {tuple(x.shape)}, got {tuple(getattr(means, 'shape', ())) or type(means).__name__}")
     if x.numel() and (float(x.min()) < -1 or float(x.max()) > 1):
@@ -82,7 +82,7 @@ def prior_bpd(schedule: NoiseSchedule,
               x0: torch.Tensor,  # [B, ...] clean data
              ) -> torch.Tensor:  # [B] bits per dimension
     "The prior term L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension, Eq. (eq-elbo-decomp)."
-    x0 = _check_x(x0, "x0")
+    x0 = check_tensor(x0, "x0")
     t = torch.full((len(x0),), schedule.num_timesteps - 1, dtype=torch.long, device=x0.device)
     mean, _, log_var = q_mean_variance(schedule, x0, t)
     return normal_kl(mean, log_var, 0.0, 0.0).reshape(len(x0), -1).mean(1) / math.log(2)
@@ -101,7 +101,7 @@ def vb_terms_bpd(model: Callable,               # model(x_t, t, **model_kwargs),
                  model_kwargs: dict | None = None,
                 ) -> torch.Tensor:              # [B] bits per dimension
     "One term of the bound: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for code t >= 1, -log p(x_0|x_1) at t = 0, Eq. (eq-elbo-decomp)."
-    _check_choice(decoder, DECODERS, "decoder")
+    check_choice(decoder, DECODERS, "decoder")
     true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, xt, t)
     p = p_mean_variance(model, schedule, xt, t, prediction=prediction, variance=variance,
                         clip_denoised=clip_denoised, model_kwargs=model_kwargs)
@@ -134,18 +134,19 @@ def elbo_bpd(model: Callable,                # model(x_t, t, **model_kwargs)
              generator: torch.Generator | None = None,  # for the noise draws
             ) -> ELBO:
     "The full bound L_T + Σ_t L_{t-1} + L_0 on -log p(x_0), one x_t draw per step, in bits/dim, Eq. (eq-elbo-decomp)."
-    x0 = _check_x(x0, "x0")
-    _check_choice(prediction, PREDICTIONS, "prediction"); _check_choice(variance, VARIANCES, "variance"); _check_choice(decoder, DECODERS, "decoder")
-    if isinstance(batch_timesteps, bool) or int(batch_timesteps) != batch_timesteps or batch_timesteps < 1:
-        raise ValueError(f"batch_timesteps must be an integer >= 1, got {batch_timesteps!r}")
-    B, T, k = len(x0), schedule.num_timesteps, int(batch_timesteps)
+    x0 = check_tensor(x0, "x0")
+    check_choice(prediction, PREDICTIONS, "prediction")
+    check_choice(variance, VARIANCES, "variance")
+    check_choice(decoder, DECODERS, "decoder")
+    k = check_int(batch_timesteps, "batch_timesteps", 1)
+    B, T = len(x0), schedule.num_timesteps
     rep = lambda v, n: v.repeat(n, *[1] * (v.ndim - 1)) if isinstance(v, torch.Tensor) and v.ndim and len(v) == B else v
     terms = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
     with torch.no_grad():
         for start in tqdm(range(0, T, k), desc="ELBO", unit=f"×{k} steps", disable=not progress):
             ts = torch.arange(start, min(start + k, T), device=x0.device)
             xb, tb = rep(x0, len(ts)), ts.repeat_interleave(B)
-            xt = q_sample(schedule, xb, tb, noise=randn(xb.shape, xb, generator))
+            xt = q_sample(schedule, xb, tb, generator=generator)
             kw = {name: rep(v, len(ts)) for name, v in (model_kwargs or {}).items()}
             terms[:, ts] = vb_terms_bpd(model, schedule, xb, xt, tb, prediction=prediction, variance=variance,
                                         clip_denoised=clip_denoised, decoder=decoder, model_kwargs=kw).reshape(len(ts), B).T
@@ -158,14 +159,13 @@ WEIGHTINGS = (None, "min_snr")
 def _draw_t_noise(schedule, x0, t, noise, generator):
     "Validate t and noise, drawing t ~ U{0, …, T-1} and noise ~ N(0, I) where None."
     B = len(x0)
-    if t is None:
+    if t is None:                        # drawn here, valid by construction: no host sync
         dev = generator.device if generator is not None else x0.device
-        t = torch.randint(0, schedule.num_timesteps, (B,), generator=generator, device=dev).to(x0.device)
-    schedule.check_t(t, B)
-    if noise is None: noise = randn(x0.shape, x0, generator)
-    elif not isinstance(noise, torch.Tensor) or noise.shape != x0.shape:
-        raise ValueError(f"noise must be a tensor with the shape of x0 {tuple(x0.shape)}, got {tuple(getattr(noise, 'shape', ())) or type(noise).__name__}")
-    return t, noise.to(x0.dtype)
+        T = schedule.num_timesteps
+        t = torch.randint(0, T, (B,), generator=generator, device=dev).to(x0.device)
+    else:                                # the caller's: validated once, at this entry point
+        schedule.check_t(t, B)
+    return t, noise_like(noise, x0, generator)
 
 def _weighted_mse(schedule, x0, t, noise, out, prediction, weighting, gamma):
     "Per-example MSE of out against its target, times the min-SNR weight, Eqs. (eq-elbo-simple), (eq-elbo-minsnr)."
@@ -177,10 +177,12 @@ def _weighted_mse(schedule, x0, t, noise, out, prediction, weighting, gamma):
     return w * mse
 
 def _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs):
-    x0 = _check_x(x0, "x0")
-    _check_choice(prediction, PREDICTIONS, "prediction"); _check_choice(weighting, WEIGHTINGS, "weighting")
-    if not min_snr_gamma > 0: raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
-    if model_kwargs is not None and not isinstance(model_kwargs, dict): raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    x0 = check_tensor(x0, "x0")
+    check_choice(prediction, PREDICTIONS, "prediction")
+    check_choice(weighting, WEIGHTINGS, "weighting")
+    check_number(min_snr_gamma, "min_snr_gamma", 0, lo_open=True)
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     return x0
 
 # %% ../nbs/07_elbo.ipynb #4f6c65ae
@@ -222,7 +224,7 @@ def hybrid_loss(model: Callable,                 # model(x_t, t, **model_kwargs)
                ) -> torch.Tensor:                # [B] per-example loss
     "L_hybrid = L_simple + λ T L_t with a stop-gradient on the mean in L_t, for learned_range models, Eq. (eq-elbo-hybrid)."
     x0 = _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs)
-    _check_choice(decoder, DECODERS, "decoder")
+    check_choice(decoder, DECODERS, "decoder")
     if x0.ndim < 2: raise ValueError(f"x0 must have a channel dimension [B, C, ...] for a learned variance, got {tuple(x0.shape)}")
     t, noise = _draw_t_noise(schedule, x0, t, noise, generator)
     xt = q_sample(schedule, x0, t, noise)

@@ -5,51 +5,48 @@ from __future__ import annotations
 
 import torch
 
+from .core import check_tensor, noise_like
 from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['q_sample', 'q_mean_variance', 'q_step']
 
-# %% ../nbs/03_forward.ipynb #562085ac
-def _check_noise(noise, x):
-    if noise is None: return torch.randn_like(x)
-    if not isinstance(noise, torch.Tensor) or noise.shape != x.shape:
-        raise ValueError(f"noise must be a tensor with the shape of the data {tuple(x.shape)}, got "
-                         f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
-    return noise.to(dtype=x.dtype, device=x.device)
-
-def _check_x(x, name):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
-        raise ValueError(f"{name} must be a floating-point tensor [B, ...], got "
-                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else f'{x.dtype} of shape {tuple(x.shape)}'}")
-    return x
-
 # %% ../nbs/03_forward.ipynb #3fefa9fd
 def q_sample(schedule: NoiseSchedule,
-             x0: torch.Tensor,                    # [B, ...] clean data, e.g. images in [-1, 1]
-             t: torch.Tensor,                     # [B] integer steps in [0, T): code t is the paper's t+1
-             noise: torch.Tensor | None = None,   # [B, ...] standard normal noise; drawn if None
-            ) -> torch.Tensor:                    # [B, ...] x_t, dtype and device of x0
-    "Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot, Eq. (eq-forward-marginal)."
-    x0 = _check_x(x0, "x0")
-    noise = _check_noise(noise, x0)
-    return schedule.gather("sqrt_alphas_cumprod", t, x0) * x0 + schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+             x0: torch.Tensor,                   # [B, ...] clean data, e.g. images in [-1, 1]
+             t: torch.Tensor,                    # [B] integer steps in [0, T): code t is paper t+1
+             noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
+             *,
+             generator: torch.Generator | None = None,  # source of the noise when it is drawn
+            ) -> torch.Tensor:                   # [B, ...] x_t, dtype and device of x0
+    "x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot: Ho et al. 2020, Eq. 4; (eq-forward-marginal)."
+    x0 = check_tensor(x0, "x0")
+    noise = noise_like(noise, x0, generator)
+    a = schedule.gather("sqrt_alphas_cumprod", t, x0)
+    s = schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0)
+    return a * x0 + s * noise
+
 
 def q_mean_variance(schedule: NoiseSchedule,
                     x0: torch.Tensor,  # [B, ...] clean data
                     t: torch.Tensor,   # [B] integer steps in [0, T)
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean [B, ...]; variance, log-variance [B, 1, ..., 1]
-    "Mean, variance and log-variance of q(x_t | x_0), Eq. (eq-forward-marginal)."
-    x0 = _check_x(x0, "x0")
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean; var, log-var
+    "Mean [B, ...], variance and log-variance [B, 1, ..., 1] of q(x_t | x_0): Ho et al. 2020, Eq. 4."
+    x0 = check_tensor(x0, "x0")
     mean = schedule.gather("sqrt_alphas_cumprod", t, x0) * x0
-    return mean, schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) ** 2, schedule.gather("log_one_minus_alphas_cumprod", t, x0)
+    var = schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) ** 2
+    return mean, var, schedule.gather("log_one_minus_alphas_cumprod", t, x0)
+
 
 def q_step(schedule: NoiseSchedule,
-           x_prev: torch.Tensor,                # [B, ...] the state before step t (the data itself for t = 0)
-           t: torch.Tensor,                     # [B] integer steps in [0, T)
-           noise: torch.Tensor | None = None,   # [B, ...] standard normal noise; drawn if None
-          ) -> torch.Tensor:                    # [B, ...] the state after step t
-    "One forward step x_t = √α_t x_{t-1} + √β_t ε, Eq. (eq-q-step)."
-    x_prev = _check_x(x_prev, "x_prev")
-    noise = _check_noise(noise, x_prev)
-    return schedule.gather("alphas", t, x_prev).sqrt() * x_prev + schedule.gather("betas", t, x_prev).sqrt() * noise
+           x_prev: torch.Tensor,               # [B, ...] the state before step t (x_0 for t = 0)
+           t: torch.Tensor,                    # [B] integer steps in [0, T)
+           noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
+           *,
+           generator: torch.Generator | None = None,  # source of the noise when it is drawn
+          ) -> torch.Tensor:                   # [B, ...] the state after step t
+    "One forward step x_t = √α_t x_{t-1} + √β_t ε: Ho et al. 2020, Eq. 2; (eq-q-step)."
+    x_prev = check_tensor(x_prev, "x_prev")
+    noise = noise_like(noise, x_prev, generator)
+    a = schedule.gather("alphas", t, x_prev).sqrt()
+    return a * x_prev + schedule.gather("betas", t, x_prev).sqrt() * noise

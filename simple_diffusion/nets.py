@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from fastcore.basics import patch
 from torch import nn
+
+from .core import check_int, check_number, patch
 
 # %% auto #0
 __all__ = ['UNET_CONFIGS', 'timestep_embedding', 'MLPDenoiser', 'ResBlock', 'AttentionBlock', 'UNet', 'make_unet',
-           'count_parameters']
+           'count_parameters', 'build_model']
 
 # %% ../nbs/10_nets.ipynb #9a5330b5
 def _describe(v):
@@ -25,10 +25,7 @@ def _check_t(t, batch):
                          + f", got {_describe(t)}")
     return t
 
-def _check_int(name, v, lo):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
+
 
 # %% ../nbs/10_nets.ipynb #0347fbf9
 def timestep_embedding(t: torch.Tensor,            # [B] timesteps, integer or float (code t = 0 … T-1)
@@ -36,7 +33,7 @@ def timestep_embedding(t: torch.Tensor,            # [B] timesteps, integer or f
                        max_period: float = 10000,  # P: the slowest frequency is P^(-(h-1)/h) ≈ 1/P
                       ) -> torch.Tensor:           # [B, dim] float32 on t's device
     "Sinusoidal embedding [cos(ω_i t), sin(ω_i t)], ω_i = P^(-i/h), Eq. (eq-nets-embedding)."
-    t, dim = _check_t(t, None), _check_int("dim", dim, 2)
+    t, dim = _check_t(t, None), check_int(dim, "dim", 2)
     if not (isinstance(max_period, (int, float)) and max_period > 1): raise ValueError(f"max_period must be a number > 1, got {max_period!r}")
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
@@ -46,17 +43,27 @@ def timestep_embedding(t: torch.Tensor,            # [B] timesteps, integer or f
 
 # %% ../nbs/10_nets.ipynb #cb68e8c5
 def _check_y(y, num_classes, batch, device):
-    "Validate labels; y=None means 'all null' (index num_classes) when the model has classes."
+    "Validate the labels' dtype and shape; y=None means 'all null' (index num_classes)."
     if num_classes is None:
         if y is not None: raise ValueError(f"y must be None for a model built with num_classes=None, got {_describe(y)}")
         return None
     if y is None: return torch.full((batch,), num_classes, dtype=torch.long, device=device)
-    ok = isinstance(y, torch.Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool) and y.shape == (batch,)
-    if not ok or (batch and (int(y.min()) < 0 or int(y.max()) > num_classes)):
-        rng = f" with values in [{int(y.min())}, {int(y.max())}]" if ok else ""
-        raise ValueError(f"y must be an integer tensor [B] with B={batch} and values in [0, {num_classes}] "
-                         f"({num_classes} = the null class, unconditional), got {_describe(y)}{rng}")
+    ok = isinstance(y, torch.Tensor) and y.dtype in (torch.int64, torch.int32)
+    if not ok or y.shape != (batch,):
+        raise ValueError(f"y must be an integer tensor [B] with B={batch} and values in "
+                         f"[0, {num_classes}] ({num_classes} = the null class, unconditional), "
+                         f"got {_describe(y)}")
     return y.to(device)
+
+
+def _embed_labels(emb: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
+    "emb(y); the values of y are checked by the lookup itself (no host sync on the hot path)."
+    try:
+        return emb(y)
+    except IndexError:                       # raised on the CPU for a label out of range
+        lo, hi = int(y.min()), int(y.max())
+        raise ValueError(f"y must have values in [0, {emb.num_embeddings - 1}] "
+                         f"({emb.num_embeddings - 1} = the null class), got [{lo}, {hi}]") from None
 
 # %% ../nbs/10_nets.ipynb #7d3bbb9a
 class MLPDenoiser(nn.Module):
@@ -70,9 +77,9 @@ class MLPDenoiser(nn.Module):
                  learn_sigma: bool = False,       # also output D variance numbers: [B, 2D]
                 ):
         super().__init__()
-        self.dim, self.time_dim = _check_int("dim", dim, 1), _check_int("time_dim", time_dim, 2)
-        hidden, depth = _check_int("hidden", hidden, 1), _check_int("depth", depth, 0)
-        self.num_classes = None if num_classes is None else _check_int("num_classes", num_classes, 1)
+        self.dim, self.time_dim = check_int(dim, "dim", 1), check_int(time_dim, "time_dim", 2)
+        hidden, depth = check_int(hidden, "hidden", 1), check_int(depth, "depth", 0)
+        self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", 1)
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.label_emb = None if num_classes is None else nn.Embedding(num_classes + 1, hidden)
         self.inp = nn.Linear(dim, hidden)
@@ -86,7 +93,7 @@ class MLPDenoiser(nn.Module):
             raise ValueError(f"x must be a floating-point tensor [B, {self.dim}] (dim={self.dim}), got {_describe(x)}")
         c = self.time_mlp(timestep_embedding(_check_t(t, len(x)), self.time_dim).to(x))
         y = _check_y(y, self.num_classes, len(x), x.device)
-        if y is not None: c = c + self.label_emb(y)
+        if y is not None: c = c + _embed_labels(self.label_emb, y)
         h = self.inp(x)
         for block in self.blocks: h = h + block(h + c)
         return self.out(h)
@@ -140,10 +147,10 @@ class AttentionBlock(nn.Module):
 # %% ../nbs/10_nets.ipynb #59095c2e
 def _check_unet_args(in_channels, out_channels, base_channels, channel_mults, num_res_blocks, attention_levels,
                      dropout, num_classes, num_groups, num_heads):
-    _check_int("in_channels", in_channels, 1); _check_int("base_channels", base_channels, 1)
-    _check_int("num_res_blocks", num_res_blocks, 1); _check_int("num_groups", num_groups, 1); _check_int("num_heads", num_heads, 1)
-    if out_channels is not None: _check_int("out_channels", out_channels, 1)
-    if num_classes is not None: _check_int("num_classes", num_classes, 1)
+    check_int(in_channels, "in_channels", 1); check_int(base_channels, "base_channels", 1)
+    check_int(num_res_blocks, "num_res_blocks", 1); check_int(num_groups, "num_groups", 1); check_int(num_heads, "num_heads", 1)
+    if out_channels is not None: check_int(out_channels, "out_channels", 1)
+    if num_classes is not None: check_int(num_classes, "num_classes", 1)
     if not isinstance(channel_mults, (tuple, list)) or not channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mults):
         raise ValueError(f"channel_mults must be a non-empty tuple of integers >= 1, got {channel_mults!r}")
     L = len(channel_mults)
@@ -220,7 +227,7 @@ def forward(self: UNet,
                          "pad the images or use fewer channel_mults")
     emb = self.time_mlp(timestep_embedding(_check_t(t, len(x)), self.base_channels).to(x))
     y = _check_y(y, self.num_classes, len(x), x.device)
-    if y is not None: emb = emb + self.label_emb(y)
+    if y is not None: emb = emb + _embed_labels(self.label_emb, y)
     hs = [self.conv_in(x)]
     for layers in self.down: hs.append(_run_layers(layers, hs[-1], emb))
     h = _run_layers(self.mid, hs[-1], emb)
@@ -247,3 +254,25 @@ def count_parameters(model: nn.Module,           # any torch module
                     ) -> int:
     "Number of (trainable) parameters of a model."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+# %% ../nbs/10_nets.ipynb #c9d78b65
+def build_model(name: str,                       # "auto", "mlp" or a key of UNET_CONFIGS
+                data_shape: tuple,               # one example: (D,) for vectors, (C, H, W) for images
+                num_classes: int | None = None,  # K classes (the model adds the null class K)
+                *,
+                learn_sigma: bool = False,       # also output the variance numbers (hybrid loss)
+                **model_kwargs,                  # overrides for the network's constructor
+               ) -> nn.Module:
+    "The network a name selects; 'auto': MLPDenoiser for vectors, U-Net 'digits' ≤ 16×16, else 'mnist'."
+    shape = tuple(data_shape)
+    if name == "auto":
+        name = "mlp" if len(shape) == 1 else "digits" if max(shape[1:]) <= 16 else "mnist"
+    if name == "mlp":
+        if len(shape) != 1:
+            raise ValueError(f"model='mlp' needs vectors [N, D], got examples of shape {shape}")
+        return MLPDenoiser(shape[0], num_classes=num_classes, learn_sigma=learn_sigma, **model_kwargs)
+    if len(shape) != 3:
+        raise ValueError(f"model={name!r} is a U-Net and needs images [N, C, H, W], "
+                         f"got examples of shape {shape}")
+    kw = {"in_channels": shape[0], **model_kwargs}
+    return make_unet(name, **kw, num_classes=num_classes, learn_sigma=learn_sigma)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 
 import torch
-from fastcore.basics import patch
 
+from .core import patch
 from .data import GaussianMixture
 from .parameterization import PREDICTIONS, eps_from_x0, v_from_x0_eps
 from .schedules import NoiseSchedule

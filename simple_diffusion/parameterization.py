@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .forward import _check_x
+from .core import check_choice, check_tensor
 from .posterior import q_posterior_mean_variance
 from .schedules import NoiseSchedule
 
@@ -21,14 +21,11 @@ VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
 def _check_pair(a, b, name_a, name_b):
     "Both floating tensors; b must have a's shape and dtype."
-    a, b = _check_x(a, name_a), _check_x(b, name_b)
+    a, b = check_tensor(a, name_a), check_tensor(b, name_b)
     if b.shape != a.shape or b.dtype != a.dtype:
-        raise ValueError(f"{name_b} must have the shape and dtype of {name_a}, {tuple(a.shape)} {a.dtype}; got {tuple(b.shape)} {b.dtype}")
+        raise ValueError(f"{name_b} must have the shape and dtype of {name_a}, "
+                         f"{tuple(a.shape)} {a.dtype}; got {tuple(b.shape)} {b.dtype}")
     return a, b
-
-def _check_choice(value, allowed, name):
-    if value not in allowed: raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 # %% ../nbs/05_parameterization.ipynb #7375e44c
 def x0_from_eps(schedule: NoiseSchedule,
@@ -86,7 +83,7 @@ def x0_eps_from_output(schedule: NoiseSchedule,
                        clip_denoised: bool = False, # clip x̂_0 to [-1, 1] and recompute ε̂ from it
                       ) -> tuple[torch.Tensor, torch.Tensor]:  # (x̂_0, ε̂), each [B, ...]
     "Predicted (x_0, ε) from a model output of type `prediction`, Eqs. (eq-param-x0-eps) and (eq-param-v-inverse)."
-    _check_choice(prediction, PREDICTIONS, "prediction")
+    check_choice(prediction, PREDICTIONS, "prediction")
     xt, output = _check_pair(xt, output, "xt", "output")
     if prediction == "eps": x0, eps = x0_from_eps(schedule, xt, t, output), output
     elif prediction == "x0": x0, eps = output, eps_from_x0(schedule, xt, t, output)
@@ -133,8 +130,10 @@ def p_mean_variance(model: Callable,             # model(x_t, t, **model_kwargs)
                     model_kwargs: dict | None = None,  # extra model inputs, e.g. {"y": labels}
                    ) -> PMeanVar:
     "Mean and variance of p_θ(x_{t-1} | x_t), Eqs. (eq-param-reverse), (eq-post-mean) and (eq-param-learned-range)."
-    _check_choice(prediction, PREDICTIONS, "prediction"); _check_choice(variance, VARIANCES, "variance")
-    xt = _check_x(xt, "xt"); schedule.check_t(t, xt.shape[0])
+    check_choice(prediction, PREDICTIONS, "prediction")
+    check_choice(variance, VARIANCES, "variance")
+    xt = check_tensor(xt, "xt")
+    schedule.check_t(t, xt.shape[0])
     if model_kwargs is not None and not isinstance(model_kwargs, dict): raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
     out = model(xt, t, **(model_kwargs or {}))
     learned = variance == "learned_range"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .forward import _check_x
+from .core import check_tensor
 from .schedules import NoiseSchedule
 
 # %% auto #0
@@ -18,7 +18,7 @@ def q_posterior_mean_variance(schedule: NoiseSchedule,
                               t: torch.Tensor,   # [B] integer steps in [0, T); code t is the paper's t+1
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean [B, ...]; variance, clipped log-variance [B, 1, ..., 1]
     "Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), Eqs. (eq-post-mean) and (eq-post-variance)."
-    x0, xt = _check_x(x0, "x0"), _check_x(xt, "xt")
+    x0, xt = check_tensor(x0, "x0"), check_tensor(xt, "xt")
     if xt.shape != x0.shape or xt.dtype != x0.dtype:
         raise ValueError(f"xt must have the shape and dtype of x0, {tuple(x0.shape)} {x0.dtype}; got {tuple(xt.shape)} {xt.dtype}")
     mean = schedule.gather("posterior_mean_coef1", t, x0) * x0 + schedule.gather("posterior_mean_coef2", t, xt) * xt

@@ -14,7 +14,7 @@ from torch import nn
 
 from .core import pick_device
 from .schedules import NoiseSchedule
-from .training import CheckpointError, TrainConfig, _load_weights, build_model, load_checkpoint
+from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights
 
 # %% auto #0
 __all__ = ['weights_dir', 'available', 'card', 'load', 'export_pretrained']
@@ -50,12 +50,12 @@ def load(name: str,                                   # one of available()
          device: str | torch.device = "cpu",          # as for pick_device
          directory: str | os.PathLike | None = None,  # where the files are; default: the package's weights
         ) -> tuple[nn.Module, NoiseSchedule, TrainConfig]:  # network in eval mode (no grad), its schedule, its config
-    "A shipped model, rebuilt from its card with build_model and loaded (strictly) from its safetensors."
+    "A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from its safetensors."
     info = card(name, directory)
     cfg = TrainConfig.from_dict(info["train_config"])
-    model = build_model(cfg, tuple(info["data_shape"]), info["num_classes"])
+    model = cfg.make_model(tuple(info["data_shape"]), info["num_classes"])
     path = _card_path(name, directory).with_suffix(".safetensors")
-    _load_weights(model, load_file(path), path)
+    load_weights(model, load_file(path), path)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
     return model.to(pick_device(device)).eval().requires_grad_(False), schedule, cfg
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .core import pick_device, randn
-from .parameterization import PREDICTIONS, VARIANCES, _check_choice, _fixed_large_variance, _reverse_log_variance
+from .core import check_choice as _check_choice, pick_device, randn
+from .parameterization import PREDICTIONS, VARIANCES, _fixed_large_variance, _reverse_log_variance
 from .schedules import NoiseSchedule
 
 # %% auto #0

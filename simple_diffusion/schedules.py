@@ -8,6 +8,8 @@ import math
 
 import torch
 
+from .core import check_int, patch
+
 # %% auto #0
 __all__ = ['SCHEDULES', 'linear_betas', 'quadratic_betas', 'sigmoid_betas', 'cosine_betas', 'shifted_cosine_betas',
            'rescale_zero_terminal_snr', 'check_betas', 'get_beta_schedule', 'NoiseSchedule']
@@ -15,10 +17,6 @@ __all__ = ['SCHEDULES', 'linear_betas', 'quadratic_betas', 'sigmoid_betas', 'cos
 # %% ../nbs/02_schedules.ipynb #0b473a19
 SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "shifted_cosine")
 
-def _check_num_timesteps(num_timesteps):
-    if isinstance(num_timesteps, bool) or int(num_timesteps) != num_timesteps or num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
-    return int(num_timesteps)
 
 def _ddpm_range(num_timesteps, beta_start, beta_end):
     "DDPM's (1e-4, 0.02) at T=1000, scaled by 1000/T when not given explicitly."
@@ -34,17 +32,17 @@ def _ddpm_range(num_timesteps, beta_start, beta_end):
 # %% ../nbs/02_schedules.ipynb #6fd5dd91
 def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
     "DDPM's linear schedule: β from 1e-4 to 0.02 at T=1000 (ends scaled by 1000/T otherwise); float64 [T]."
-    start, end = _ddpm_range(_check_num_timesteps(num_timesteps), beta_start, beta_end)
+    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
     return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
 
 def quadratic_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
     "DDPM's 'quad' schedule: √β linear between the linear schedule's ends; float64 [T]."
-    start, end = _ddpm_range(_check_num_timesteps(num_timesteps), beta_start, beta_end)
+    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
     return torch.linspace(math.sqrt(start), math.sqrt(end), num_timesteps, dtype=torch.float64) ** 2
 
 def sigmoid_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
     "GeoDiff's sigmoid schedule: β = σ(z)(β_end - β_start) + β_start, z evenly spaced in [-6, 6]; float64 [T]."
-    start, end = _ddpm_range(_check_num_timesteps(num_timesteps), beta_start, beta_end)
+    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
     return torch.sigmoid(torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)) * (end - start) + start
 
 # %% ../nbs/02_schedules.ipynb #c21ff65f
@@ -53,7 +51,7 @@ def cosine_betas(num_timesteps: int,
                  max_beta: float = 0.999,  # clip, in (0, 1]; 0.999 keeps the last step invertible
                 ) -> torch.Tensor:
     "Nichol & Dhariwal's cosine schedule, Eq. (eq-cosine): β_t = 1 - f(t)/f(t-1), clipped; float64 [T]."
-    T = _check_num_timesteps(num_timesteps)
+    T = check_int(num_timesteps, "num_timesteps", 1)
     if not 0 < max_beta <= 1: raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
     if s < 0: raise ValueError(f"s must be >= 0, got {s}")
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
@@ -68,7 +66,7 @@ def shifted_cosine_betas(num_timesteps: int,
                          max_beta: float = 0.999,
                         ) -> torch.Tensor:
     "Hoogeboom et al.'s resolution-shifted cosine schedule, Eq. (eq-shifted-cosine); float64 [T]."
-    T = _check_num_timesteps(num_timesteps)
+    T = check_int(num_timesteps, "num_timesteps", 1)
     if image_size < 1 or base_size < 1: raise ValueError(f"image_size and base_size must be >= 1, got {image_size}, {base_size}")
     if not logsnr_min < logsnr_max: raise ValueError(f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
     t_lo, t_hi = math.atan(math.exp(-0.5 * logsnr_max)), math.atan(math.exp(-0.5 * logsnr_min))
@@ -107,7 +105,7 @@ def get_beta_schedule(name: str,           # one of SCHEDULES
     makers = dict(linear=linear_betas, quadratic=quadratic_betas, cosine=cosine_betas,
                   sigmoid=sigmoid_betas, shifted_cosine=shifted_cosine_betas)
     if name not in makers: raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
-    return check_betas(makers[name](_check_num_timesteps(num_timesteps), **kwargs))
+    return check_betas(makers[name](check_int(num_timesteps, "num_timesteps", 1), **kwargs))
 
 # %% ../nbs/02_schedules.ipynb #ff004fad
 class NoiseSchedule:
@@ -145,41 +143,57 @@ class NoiseSchedule:
     def __repr__(self): return f"NoiseSchedule(T={self.num_timesteps}, device={self.betas.device})"
 
 # %% ../nbs/02_schedules.ipynb #9ff65fd0
-from fastcore.basics import patch
-
 @patch
 def to(self: NoiseSchedule, device) -> NoiseSchedule:
-    "A copy with every table on `device` (float64 kept; on MPS, which lacks float64, keep the schedule on the CPU)."
+    "A copy with every table on `device` (float64 kept; MPS lacks float64: keep it on the CPU)."
     new = copy.copy(self)
-    for k in self.TABLES: setattr(new, k, getattr(self, k).to(device))
+    for k in self.TABLES:
+        setattr(new, k, getattr(self, k).to(device))
     return new
+
+
+def _check_t_layout(t, batch):
+    "t's type, dtype and shape (metadata only: no host sync)."
+    if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"t must be an integer tensor (torch.long or torch.int32), got {got}")
+    if t.ndim != 1 or (batch is not None and len(t) != batch):
+        want = "[B]" + (f" with B={batch}" if batch is not None else "")
+        raise ValueError(f"t must have shape {want}, got {tuple(t.shape)}")
+
 
 @patch
 def check_t(self: NoiseSchedule,
-            t: torch.Tensor,          # integer timesteps [B], 0 <= t < T
-            batch: int | None = None, # the batch size t must match, if known
+            t: torch.Tensor,           # integer timesteps [B], 0 <= t < T
+            batch: int | None = None,  # the batch size t must match, if known
            ) -> torch.Tensor:
-    "Validate 0-indexed timesteps: an integer tensor of shape [B] with values in [0, T)."
-    if not isinstance(t, torch.Tensor) or t.dtype in (torch.bool,) or t.is_floating_point() or t.is_complex():
-        raise ValueError(f"t must be an integer (torch.long) tensor, got {type(t).__name__}"
-                         + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else ""))
-    if t.ndim != 1 or (batch is not None and len(t) != batch):
-        raise ValueError(f"t must have shape [B]" + (f" with B={batch}" if batch is not None else "") + f", got {tuple(t.shape)}")
-    if len(t) and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-        raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (code t = 0…T-1 is the paper's 1…T), "
-                         f"got values in [{int(t.min())}, {int(t.max())}]")
+    "Validate 0-indexed timesteps: int64/int32 [B] in [0, T). Reads the values (a host sync)."
+    _check_t_layout(t, batch)
+    if len(t):
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < 0 or hi >= self.num_timesteps:
+            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (code t = 0…T-1 is "
+                             f"the paper's 1…T), got values in [{lo}, {hi}]")
     return t
+
 
 @patch
 def gather(self: NoiseSchedule,
            table: str | torch.Tensor,  # a name from NoiseSchedule.TABLES, or any [T] tensor
-           t: torch.Tensor,            # [B] integer timesteps
+           t: torch.Tensor,            # [B] integer timesteps in [0, T)
            x: torch.Tensor,            # [B, ...]: supplies batch size, dtype, device and rank
           ) -> torch.Tensor:           # [B, 1, ..., 1], x's dtype and device
     "Per-sample values table[t], cast to x's dtype and device and shaped to broadcast against x."
-    if isinstance(table, str) and table not in self.TABLES: raise ValueError(f"table must be one of {self.TABLES}, got {table!r}")
+    if isinstance(table, str) and table not in self.TABLES:
+        raise ValueError(f"table must be one of {self.TABLES}, got {table!r}")
     vals = getattr(self, table) if isinstance(table, str) else table
-    if vals.ndim != 1 or len(vals) != self.num_timesteps: raise ValueError(f"table must have shape [{self.num_timesteps}], got {tuple(vals.shape)}")
-    t = self.check_t(t, x.shape[0] if x.ndim else None)
-    out = vals[t.to(vals.device)].to(dtype=x.dtype if x.is_floating_point() else vals.dtype).to(x.device)
+    if vals.ndim != 1 or len(vals) != self.num_timesteps:
+        raise ValueError(f"table must have shape [{self.num_timesteps}], got {tuple(vals.shape)}")
+    _check_t_layout(t, x.shape[0] if x.ndim else None)
+    try:
+        out = vals.index_select(0, t.to(vals.device))
+    except IndexError:                       # out of range (caught on the CPU): say which values
+        self.check_t(t)
+        raise
+    out = out.to(dtype=x.dtype if x.is_floating_point() else vals.dtype).to(x.device)
     return out.reshape(-1, *([1] * (x.ndim - 1)))

@@ -22,32 +22,22 @@ from safetensors.torch import load_file as _st_load_file, save as _st_save
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from fastcore.basics import patch
 from tqdm import tqdm
 
-from .core import pick_device
-from .data import TOY_DATASETS, load_digits, make_toy
+from .core import check_int, check_number, patch, pick_device
+from .data import load_training_data
 from .elbo import hybrid_loss, simple_loss
-from .nets import MLPDenoiser, make_unet
+from .nets import build_model
 from .parameterization import PREDICTIONS
 from .schedules import SCHEDULES, NoiseSchedule, get_beta_schedule
 
 # %% auto #0
-__all__ = ['LOSSES', 'TOY_SAMPLES', 'CKPT_FILES', 'RESUMABLE_CHANGES', 'TrainConfig', 'load_npy_images', 'load_training_data',
-           'build_model', 'CheckpointError', 'CheckpointNotFoundError', 'atomic_write', 'save_checkpoint',
-           'checkpoint_dir', 'load_checkpoint', 'setup_distributed', 'Trainer', 'train', 'load_trained']
+__all__ = ['LOSSES', 'CKPT_FILES', 'RESUMABLE_CHANGES', 'TrainConfig', 'CheckpointError', 'CheckpointNotFoundError',
+           'atomic_write', 'save_checkpoint', 'checkpoint_dir', 'load_checkpoint', 'load_weights', 'setup_distributed',
+           'Trainer', 'train', 'load_trained']
 
 # %% ../nbs/11_training.ipynb #656cfc48
 LOSSES = ("mse", "min_snr", "hybrid")
-
-def _check_number(name, value, lo=None, hi=None, integer=False, lo_open=False, hi_open=False):
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or int(value) == value)
-    ok = ok and (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or (value < hi if hi_open else value <= hi))
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} in {rng}, got {value!r}")
-    return int(value) if integer else float(value)
 
 # %% ../nbs/11_training.ipynb #6cc880e7
 @dataclass
@@ -79,11 +69,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for k, lo in dict(steps=0, batch_size=1, warmup=0, num_timesteps=2, log_every=1, ckpt_every=1).items():
-            setattr(self, k, _check_number(k, getattr(self, k), lo, integer=True))
-        self.seed = _check_number("seed", self.seed, 0, integer=True)
+            setattr(self, k, check_int(getattr(self, k), k, lo))
+        self.seed = check_int(self.seed, "seed", 0, 2**63 - 1)
         for k, lo, hi, lo_open in (("lr", 0, None, True), ("grad_clip", 0, None, False), ("weight_decay", 0, None, False),
                                    ("min_snr_gamma", 0, None, True), ("ema_decay", 0, 1, False), ("p_uncond", 0, 1, False)):
-            setattr(self, k, _check_number(k, getattr(self, k), lo, hi, lo_open=lo_open))
+            setattr(self, k, check_number(getattr(self, k), k, lo, hi, lo_open=lo_open))
         for k, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS), ("loss", LOSSES)):
             if getattr(self, k) not in allowed: raise ValueError(f"{k} must be one of {tuple(allowed)}, got {getattr(self, k)!r}")
         for k in ("amp", "compile", "class_conditional"):
@@ -98,58 +88,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict: return asdict(self)
 
+    def make_model(self, data_shape: tuple, num_classes: int | None = None) -> nn.Module:
+        "The network this config names for examples of `data_shape` (nets.build_model)."
+        return build_model(self.model, data_shape, num_classes, learn_sigma=self.loss == "hybrid",
+                           **self.model_kwargs)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         "Build from a dict such as `to_dict()` or a checkpoint's config.json; unknown keys are an error."
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown: raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**d)
-
-# %% ../nbs/11_training.ipynb #5ee867a1
-def load_npy_images(path: str | os.PathLike,  # an .npy file: [N, H, W] or [N, C, H, W], uint8 0..255 or float in [-1, 1]
-                   ) -> torch.Tensor:         # [N, C, H, W] float32 in [-1, 1]
-    "Read and validate an array of images from an .npy file (never unpickling it)."
-    p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"data={str(path)!r}: no such file")
-    try: a = np.load(p, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError) as e: raise ValueError(f"data={str(path)!r}: not a readable .npy array ({e})") from None
-    if a.ndim not in (3, 4) or a.shape[0] == 0:
-        raise ValueError(f"data={str(path)!r}: images must be a non-empty [N, H, W] or [N, C, H, W] array, got shape {a.shape}")
-    if a.ndim == 3: a = a[:, None]
-    if not 1 <= a.shape[1] <= 4:
-        raise ValueError(f"data={str(path)!r}: expected [N, C, H, W] with 1 to 4 channels, got shape {a.shape} (channels-last arrays must be transposed)")
-    if a.dtype == np.uint8: return torch.from_numpy(np.asarray(a, dtype=np.float32) / 127.5 - 1)
-    if a.dtype.kind != "f": raise ValueError(f"data={str(path)!r}: dtype {a.dtype} is not supported; use uint8 (0..255) or float in [-1, 1]")
-    x = np.asarray(a, dtype=np.float32)
-    if not np.isfinite(x).all(): raise ValueError(f"data={str(path)!r}: the array contains NaN or Inf")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -1 or hi > 1: raise ValueError(f"data={str(path)!r}: float images must lie in [-1, 1], got values in [{lo:g}, {hi:g}]; rescale them (0..255 -> x/127.5 - 1)")
-    return torch.from_numpy(x.copy())
-
-# %% ../nbs/11_training.ipynb #dfe873b5
-TOY_SAMPLES = 20_000
-
-def load_training_data(data: str,  # "digits", a name from TOY_DATASETS, or a path to an .npy file of images
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # x [N, ...] float32, labels [N] long or None
-    "Resolve a dataset name or .npy path to tensors: digits (train split, labelled), a 2-D toy (20 000 points), or images."
-    if data == "digits": return load_digits("train")
-    if data in TOY_DATASETS: return make_toy(data, TOY_SAMPLES, seed=0), None
-    if data.endswith(".npy") or os.path.sep in data or Path(data).exists(): return load_npy_images(data), None
-    raise ValueError(f"data must be 'digits', one of {TOY_DATASETS} or a path to an .npy file, got {data!r}")
-
-# %% ../nbs/11_training.ipynb #1cc42ef5
-def build_model(config: TrainConfig,
-                data_shape: tuple,               # shape of one example: (D,) for vectors, (C, H, W) for images
-                num_classes: int | None = None,  # K label classes (the model adds the null class K); None: unconditional
-               ) -> nn.Module:
-    "The network a config names; 'auto' is MLPDenoiser for vectors, make_unet('digits') up to 16×16 and 'mnist' above."
-    name, kw, learn_sigma = config.model, dict(config.model_kwargs), config.loss == "hybrid"
-    if name == "auto": name = "mlp" if len(data_shape) == 1 else "digits" if max(data_shape[1:]) <= 16 else "mnist"
-    if name == "mlp":
-        if len(data_shape) != 1: raise ValueError(f"model='mlp' needs vectors [N, D], got examples of shape {tuple(data_shape)}")
-        return MLPDenoiser(data_shape[0], num_classes=num_classes, learn_sigma=learn_sigma, **kw)
-    if len(data_shape) != 3: raise ValueError(f"model={name!r} is a U-Net and needs images [N, C, H, W], got examples of shape {tuple(data_shape)}")
-    return make_unet(name, **{"in_channels": data_shape[0], **kw}, num_classes=num_classes, learn_sigma=learn_sigma)
 
 # %% ../nbs/11_training.ipynb #cdc5db96
 class CheckpointError(ValueError):
@@ -234,10 +183,17 @@ def load_checkpoint(path: str | os.PathLike,  # a run directory (its latest chec
     out = {name.split(".")[0]: _read_ckpt_file(ck / name) for name in CKPT_FILES}
     return {**out, "path": ck}
 
-def _load_weights(module: nn.Module, sd: dict, file: Path):
-    try: module.load_state_dict(sd)
+def load_weights(module: nn.Module,  # the network to fill
+                 sd: dict,           # its state dict, as read from `file`
+                 file: Path,         # where sd came from, for the message
+                ) -> nn.Module:
+    "load_state_dict(sd) strictly; CheckpointError naming the file if it does not fit."
+    try:
+        module.load_state_dict(sd)
     except RuntimeError as e:
-        raise CheckpointError(f"{file}: does not fit the model ({' '.join(str(e).split())[:300]})") from None
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{file}: does not fit the model ({msg})") from None
+    return module
 
 # %% ../nbs/11_training.ipynb #69f1f8bf
 def setup_distributed(device: str | torch.device = "auto",  # as for pick_device; under torchrun CUDA becomes cuda:LOCAL_RANK
@@ -257,7 +213,7 @@ class Trainer:
                  config: TrainConfig,
                  out_dir: str | os.PathLike | None = None,  # checkpoints and log.jsonl go here; None: nothing is written
                  *,
-                 model: nn.Module | None = None,  # a network to train instead of build_model(config, ...)
+                 model: nn.Module | None = None,  # a network to train instead of config.make_model(...)
                  data: tuple | None = None,       # (x [N, ...], labels [N] or None) instead of load_training_data(config.data)
                 ):
         self.config, self.out_dir = config, None if out_dir is None else Path(out_dir)
@@ -267,7 +223,7 @@ class Trainer:
         self.x, self.y = x.float().to(self.device), None if y is None else y.long().to(self.device)
         self.num_classes = int(y.max()) + 1 if config.class_conditional else None   # label K is the null class
         torch.manual_seed(config.seed)                            # the same initial weights on every rank
-        net = build_model(config, tuple(x.shape[1:]), self.num_classes) if model is None else model
+        net = config.make_model(tuple(x.shape[1:]), self.num_classes) if model is None else model
         self._setup(net.to(self.device))
 
 # %% ../nbs/11_training.ipynb #a77ad665
@@ -354,7 +310,7 @@ def fit(self: Trainer,
        ) -> list[float]:           # the loss history, one number per step since the start of the run
     "Train, logging every log_every steps and checkpointing (rank 0) every ckpt_every steps and at the end."
     cfg = self.config
-    end = cfg.steps if steps is None else self.step + _check_number("steps", steps, 0, integer=True)
+    end = cfg.steps if steps is None else self.step + check_int(steps, "steps", 0)
     bar = tqdm(total=max(end, self.step), initial=self.step, unit="step", disable=not progress or self.rank != 0)
     losses, t0 = [], time.perf_counter()
     while self.step < end:
@@ -397,8 +353,8 @@ def load(self: Trainer, path: str | os.PathLike) -> Trainer:
     ck = load_checkpoint(path); cfile, sfile = ck["path"] / "config.json", ck["path"] / "state.pt"
     diff = {k: (v, getattr(self.config, k, None)) for k, v in ck["config"].items() if k not in RESUMABLE_CHANGES and getattr(self.config, k, None) != v}
     if diff: raise CheckpointError(f"{cfile}: the run's config differs from the checkpoint's in " + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items()))
-    _load_weights(self.model, ck["model"], ck["path"] / "model.safetensors")
-    _load_weights(self.ema.module, ck["ema"], ck["path"] / "ema.safetensors")
+    load_weights(self.model, ck["model"], ck["path"] / "model.safetensors")
+    load_weights(self.ema.module, ck["ema"], ck["path"] / "ema.safetensors")
     st = ck["state"]
     try:
         self.opt.load_state_dict(st["optimizer"]); self.lr_sched.load_state_dict(st["lr_scheduler"])
@@ -457,11 +413,11 @@ def load_trained(path: str | os.PathLike,       # a run directory or a ckpt-* di
                  ema: bool = True,              # the EMA weights (what one samples from) or the raw ones
                  device: str | torch.device = "cpu",
                 ) -> tuple[nn.Module, TrainConfig]:  # the network in eval mode, and its run's config
-    "Rebuild a checkpoint's network with build_model and load its weights."
+    "Rebuild a checkpoint's network with TrainConfig.make_model and load its weights."
     ck = load_checkpoint(path)
     try: cfg = TrainConfig.from_dict(ck["config"])
     except (ValueError, TypeError) as e: raise CheckpointError(f"{ck['path'] / 'config.json'}: not a valid TrainConfig ({e})") from None
-    model = build_model(cfg, tuple(ck["state"]["data_shape"]), ck["state"]["num_classes"])
+    model = cfg.make_model(tuple(ck["state"]["data_shape"]), ck["state"]["num_classes"])
     name = "ema" if ema else "model"
-    _load_weights(model, ck[name], ck["path"] / f"{name}.safetensors")
+    load_weights(model, ck[name], ck["path"] / f"{name}.safetensors")
     return model.to(pick_device(device)).eval(), cfg

@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+import simple_diffusion.data as data
 import simple_diffusion.training as training
-from simple_diffusion.data import make_toy
+from simple_diffusion.data import load_npy_images, load_training_data, make_toy
+from simple_diffusion.nets import build_model
 from simple_diffusion.training import (CheckpointError, CheckpointNotFoundError, TrainConfig, Trainer, atomic_write,
-                                       build_model, load_checkpoint, load_npy_images, load_trained,
-                                       load_training_data, save_checkpoint, train)
+                                       load_checkpoint, load_trained, save_checkpoint, train)
 
 TINY = dict(data="moons", batch_size=64, lr=3e-3, warmup=3, log_every=4, ckpt_every=6,
             model_kwargs={"hidden": 16, "depth": 1}, device="cpu")
@@ -82,7 +83,7 @@ def test_data_names_and_paths(tmp_path):
     x, y = load_training_data("digits")
     assert x.shape[1:] == (1, 8, 8) and y is not None and len(x) == len(y)
     x, y = load_training_data("gmm25")
-    assert x.shape == (training.TOY_SAMPLES, 2) and y is None
+    assert x.shape == (data.TOY_SAMPLES, 2) and y is None
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         load_training_data(str(tmp_path / "missing.npy"))
     (tmp_path / "junk.npy").write_bytes(b"not an array")
@@ -93,12 +94,13 @@ def test_data_names_and_paths(tmp_path):
 
 
 def test_build_model_follows_the_data():
-    assert type(build_model(tiny(), (2,))).__name__ == "MLPDenoiser"
-    unet = build_model(TrainConfig(loss="hybrid", model_kwargs={"base_channels": 8}), (3, 8, 8), num_classes=4)
+    assert type(tiny().make_model((2,))).__name__ == "MLPDenoiser"
+    assert type(build_model("auto", (2,))).__name__ == "MLPDenoiser"
+    unet = TrainConfig(loss="hybrid", model_kwargs={"base_channels": 8}).make_model((3, 8, 8), num_classes=4)
     out = unet(torch.zeros(2, 3, 8, 8), torch.tensor([0, 5]), y=torch.tensor([0, 4]))
     assert out.shape == (2, 6, 8, 8)                                      # learned variance doubles the channels
     with pytest.raises(ValueError, match="model='mlp'"):
-        build_model(TrainConfig(model="mlp"), (1, 8, 8))
+        TrainConfig(model="mlp").make_model((1, 8, 8))
 
 
 # ---------------------------------------------------------------- training
