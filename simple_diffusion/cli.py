@@ -5,38 +5,44 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from dataclasses import MISSING, fields
 
+import numpy as np
+import torch
 import torch.distributed as dist
+from fastcore.docments import docments
 
-from .training import TrainConfig, train
+from . import __version__, pretrained
+from .core import make_grid
+from .parameterization import PREDICTIONS
+from .sampling import sample
+from .schedules import SCHEDULES, NoiseSchedule
+from .training import LOSSES, TrainConfig, load_checkpoint, load_trained, train
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #284a1fdb
-import math
-
-import numpy as np
-import torch
-
-from . import pretrained
-from .core import make_grid
-from .sampling import sample
-from .schedules import NoiseSchedule
-from .training import load_checkpoint, load_trained
-
 def _add_model_options(p, n_default: int, models: str):
     "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or a ckpt-* directory")
     src.add_argument("--pretrained", help=f"a model shipped with the package: {models}")
-    for flag, typ, default, help in (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"), ("--steps", int, 50, "network evaluations"),
-                                     ("--eta", float, 0.0, "DDIM's eta in [0, 1]"), ("--spacing", str, "leading", "linspace, leading or trailing"),
-                                     ("--n", int, n_default, "number of samples"), ("--seed", int, 0, "random seed"),
-                                     ("--batch-size", int, None, "samples per network call (default: all)"), ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
-        p.add_argument(flag, type=typ, default=default, help=f"{help} (default {default})")
+    options = (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"),
+               ("--steps", int, 50, "network evaluations"),
+               ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
+               ("--spacing", str, "leading", "linspace, leading or trailing"),
+               ("--n", int, n_default, "number of samples"),
+               ("--seed", int, 0, "random seed"),
+               ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps"))
+    for flag, typ, default, text in options:
+        p.add_argument(flag, type=typ, default=default, help=f"{text} (default: {default})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per network call (default: all at once)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
 
 def _load_model(args):
     "(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or --checkpoint."
@@ -45,61 +51,88 @@ def _load_model(args):
         info = pretrained.card(args.pretrained)
     else:
         model, cfg = load_trained(args.checkpoint, device=args.device)
-        info, schedule = load_checkpoint(args.checkpoint)["state"], NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
+        info = load_checkpoint(args.checkpoint)["state"]
+        schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
+# %% ../nbs/14_cli.ipynb #2efedbad
 def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, model_kwargs=None) -> torch.Tensor:
     "Sample args.n examples with the sampler options of `args`; float32 on the CPU."
     dev = next(model.parameters()).device
-    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing, prediction=cfg.prediction,
-               variance="learned_range" if cfg.loss == "hybrid" else "fixed_small", clip_denoised=clip_denoised,
+    variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
+    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing,
+               prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
                generator=torch.Generator(dev).manual_seed(args.seed), model_kwargs=model_kwargs or {},
                batch_size=args.batch_size, progress=not args.quiet)
     return x.float().cpu()
 
+# %% ../nbs/14_cli.ipynb #c0f31470
 def _add_sample_parser(sub):
     "Options of `simple-diffusion sample`."
     s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
-                       description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save the samples as a PNG grid.")
+                       description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save "
+                                   "the samples as a PNG grid.")
     _add_model_options(s, 64, "digits, digits_cond or gmm8")
     s.add_argument("--out", required=True, help="the .png file to write")
     s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
-    s.add_argument("--label", type=int, default=None, help="class label for a class-conditional model (default: unconditional)")
+    s.add_argument("--label", type=int, default=None,
+                   help="class label for a class-conditional model (default: unconditional)")
+
+
+def _save_png(x: torch.Tensor, path: str):
+    "A grid of images, or a scatter plot of 2-D points, as a PNG file."
+    if x.ndim == 4:
+        from matplotlib.image import imsave
+        grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))))
+        imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        return
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(4, 4))
+    ax = fig.subplots()
+    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+    ax.set_aspect("equal")
+    fig.savefig(path, dpi=100)
+
 
 def _sample_command(args) -> int:
-    if not args.out.endswith(".png"): raise ValueError(f"--out must name a .png file, got {args.out!r}")
-    if args.n < 1: raise ValueError(f"--n must be >= 1, got {args.n}")
+    if not args.out.endswith(".png"):
+        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
     model, schedule, cfg, shape, K = _load_model(args)
     if args.label is not None and (K is None or not 0 <= args.label <= K):
-        raise ValueError(f"--label must be in [0, {K}] ({K} = unconditional)" if K else "--label needs a class-conditional model; this one has no labels")
+        raise ValueError(f"--label must be in [0, {K}] ({K} = unconditional)" if K
+                         else "--label needs a class-conditional model; this one has no labels")
     dev = next(model.parameters()).device
-    kw = {} if args.label is None else {"y": torch.full((args.n,), args.label, dtype=torch.long, device=dev)}
+    kw = {} if args.label is None else {"y": torch.full((args.n,), args.label, device=dev)}
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, model_kwargs=kw)
-    if len(shape) == 3:
-        from matplotlib.image import imsave
-        grid = make_grid(x, nrow=math.ceil(math.sqrt(args.n)))
-        imsave(args.out, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
-    else:
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(4, 4)); ax = fig.subplots()
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5); ax.set_aspect("equal"); fig.savefig(args.out, dpi=100)
-    if args.npy: np.save(args.npy, x.numpy())
-    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}" + (f" and {args.npy}" if args.npy else ""))
+    _save_png(x, args.out)
+    if args.npy:
+        np.save(args.npy, x.numpy())
+    also = f" and {args.npy}" if args.npy else ""
+    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}")
     return 0
 
 # %% ../nbs/14_cli.ipynb #2db432e4
 def _add_evaluate_parser(sub):
     "Options of `simple-diffusion evaluate`."
-    e = sub.add_parser("evaluate", help="sample an 8×8 digits model and print FID, KID, IS, precision/recall... as JSON",
-                       description="Sample a digits model and score the samples against the training digits (evaluate_samples).")
+    e = sub.add_parser("evaluate",
+                       help="sample an 8×8 digits model; print FID, KID, IS, precision/recall as JSON",
+                       description="Sample a digits model and score the samples against the "
+                                   "training digits (evaluate_samples; features of the shipped "
+                                   "digits classifier, not Inception).")
     _add_model_options(e, 2000, "digits or digits_cond")
+
 
 def _evaluate_command(args) -> int:
     from simple_diffusion.data import load_digits
     from simple_diffusion.metrics import evaluate_samples
-    if args.n < 2: raise ValueError(f"--n must be >= 2, got {args.n}")
+    if args.n < 2:
+        raise ValueError(f"--n must be >= 2, got {args.n}")
     model, schedule, cfg, shape, _ = _load_model(args)
-    if shape != (1, 8, 8): raise ValueError(f"evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), this one has data shape {shape}")
+    if shape != (1, 8, 8):
+        raise ValueError("evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), "
+                         f"this one has data shape {shape}")
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
     scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
     print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
@@ -108,46 +141,52 @@ def _evaluate_command(args) -> int:
 # %% ../nbs/14_cli.ipynb #0a066890
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit status 2."
-    def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
 
 def _json_dict(s: str) -> dict:
-    try: d = json.loads(s)
-    except json.JSONDecodeError as e: raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
-    if not isinstance(d, dict): raise argparse.ArgumentTypeError(f"must be a JSON object, got {s!r}")
+    try:
+        d = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {s!r}")
     return d
 
-_TRAIN_OPTIONS = [  # (flag, TrainConfig field, type, help)
-    ("--data", "data", str, "digits, moons, swissroll, gmm25, gmm8, or the path of an .npy array of images"),
-    ("--steps", "steps", int, "optimiser steps in total (default 2000)"),
-    ("--batch-size", "batch_size", int, "examples per step and process (default 128)"),
-    ("--lr", "lr", float, "peak learning rate of AdamW (default 1e-3)"),
-    ("--warmup", "warmup", int, "steps of linear learning-rate warm-up (default 100)"),
-    ("--grad-clip", "grad_clip", float, "clip the gradient norm to this; 0 turns clipping off (default 1)"),
-    ("--schedule", "schedule", str, "noise schedule: linear, cosine, ... (default cosine)"),
-    ("--num-timesteps", "num_timesteps", int, "T, the number of diffusion steps (default 1000)"),
-    ("--prediction", "prediction", str, "eps, x0 or v (default eps)"),
-    ("--loss", "loss", str, "mse, min_snr or hybrid (default mse)"),
-    ("--ema-decay", "ema_decay", float, "EMA decay per step (default 0.999)"),
-    ("--seed", "seed", int, "random seed (default 0)"),
-    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps (default auto)"),
-    ("--model", "model", str, "auto, mlp or a U-Net configuration: digits, mnist, cifar (default auto)"),
-    ("--model-kwargs", "model_kwargs", _json_dict, 'JSON overrides for the network, e.g. \'{"base_channels": 16}\''),
-    ("--p-uncond", "p_uncond", float, "probability of the null label in class-conditional training (default 0.1)"),
-    ("--log-every", "log_every", int, "steps between log lines (default 50)"),
-    ("--ckpt-every", "ckpt_every", int, "steps between checkpoints (default 500)"),
-]
 
+_CHOICES = {"schedule": SCHEDULES, "prediction": PREDICTIONS, "loss": LOSSES}
+_TYPES = {"int": int, "float": float, "str": str, "dict": _json_dict}
+
+
+def _add_config_options(p: argparse.ArgumentParser):
+    "One option per TrainConfig field, from its type, default and docment comment."
+    docs = docments(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is MISSING else f.default
+        text = f"{docs[f.name]} (default: {default})"
+        if f.type == "bool" and default:
+            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None,
+                           help=f"turn off: {text}")
+        elif f.type == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None,
+                           choices=_CHOICES.get(f.name), help=text)
+
+# %% ../nbs/14_cli.ipynb #f9c499ba
 def build_parser() -> argparse.ArgumentParser:
     "The `simple-diffusion` parser, with one subcommand per task: train, sample, evaluate."
-    p = _Parser(prog="simple-diffusion", description="Denoising diffusion models, derived and measured.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    p = _Parser(prog="simple-diffusion",
+                description="Denoising diffusion models, derived and measured.")
+    p.add_argument("--version", action="version", version=f"simple-diffusion {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     t = sub.add_parser("train", help="train a model; checkpoints and log.jsonl go into --out",
-                       description="Train a diffusion model (Algorithm 1 of Ho et al. 2020) into a run directory.")
+                       description="Train a diffusion model (Algorithm 1 of Ho et al. 2020) "
+                                   "into a run directory.")
     t.add_argument("--out", required=True, help="run directory: checkpoints ckpt-*/, latest, log.jsonl")
-    for flag, dest, typ, help in _TRAIN_OPTIONS: t.add_argument(flag, dest=dest, type=typ, default=None, help=help)
-    t.add_argument("--class-conditional", dest="class_conditional", action="store_true", default=None, help="condition on the labels (digits)")
-    t.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no bf16 autocast on CUDA")
-    t.add_argument("--compile", dest="compile", action="store_true", default=None, help="torch.compile the network")
+    _add_config_options(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sample_parser(sub)
@@ -156,25 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
 def _train_command(args) -> int:
-    fields = {dest for _, dest, _, _ in _TRAIN_OPTIONS} | {"class_conditional", "amp", "compile"}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    names = {f.name for f in fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     trainer = train(args.out, resume=args.resume, progress=not args.quiet, **overrides)
     if trainer.rank == 0:
         last = trainer.history[-min(50, len(trainer.history)):] or [float("nan")]
-        print(f"trained {trainer.step} steps; mean loss of the last {len(last)}: {sum(last) / len(last):.4f}; "
-              f"checkpoint: {trainer.out_dir / (trainer.out_dir / 'latest').read_text()}")
+        ckpt = trainer.out_dir / (trainer.out_dir / "latest").read_text()
+        print(f"trained {trainer.step} steps; mean loss of the last {len(last)}: "
+              f"{sum(last) / len(last):.4f}; checkpoint: {ckpt}")
     return 0
+
+
+_COMMANDS = {"train": _train_command, "sample": _sample_command, "evaluate": _evaluate_command}
+
 
 def main(argv: list[str] | None = None,  # the arguments after the program name; None: sys.argv[1:]
         ) -> int:                        # the exit status
     "Entry point of the `simple-diffusion` console script."
-    args = build_parser().parse_args(argv)
-    try: return {"train": _train_command, "sample": _sample_command, "evaluate": _evaluate_command}[args.command](args)
-    except (ValueError, OSError, FloatingPointError) as e:       # user errors: bad option values, files, divergence
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:             # a bare `simple-diffusion`: say what it can do
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, OSError, FloatingPointError) as e:   # user errors: values, files, divergence
         print(f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"simple-diffusion {args.command}: interrupted; continue with --resume", file=sys.stderr)
         return 130
     finally:
-        if dist.is_available() and dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -43,7 +43,7 @@ LOSSES = ("mse", "min_snr", "hybrid")
 @dataclass
 class TrainConfig:
     "Everything that defines a training run; JSON-serialisable and validated when created."
-    data: str = "digits"          # "digits", a 2-D toy from TOY_DATASETS, or a path to an .npy array of images
+    data: str = "digits"          # "digits", a 2-D toy (moons, swissroll, gmm25, gmm8) or an .npy path
     steps: int = 2000             # optimiser steps in total (a resumed run continues up to this), >= 0
     batch_size: int = 128         # examples per step on each process, >= 1
     lr: float = 1e-3              # peak learning rate of AdamW, > 0

@@ -360,3 +360,40 @@ def test_ddp_two_cpu_processes(tmp_path):
     np.testing.assert_array_equal(torch.cat([p.detach().flatten() for p in model.parameters()]).double().numpy(), a["params"])
     with pytest.warns(UserWarning, match="2 process"):                     # resuming with 1 process: allowed, not exact
         Trainer(TrainConfig.from_dict({**ck["config"], "steps": 31})).load(tmp_path)
+
+
+# ---------------------------------------------------------------- no host syncs in the hot path
+def _host_reads_by_package(fn):
+    "Run fn; return the files of simple_diffusion that read a tensor's value back to Python (item/bool/int)."
+    import traceback
+    from torch.utils._python_dispatch import TorchDispatchMode
+    ours = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                skip = ("_python_dispatch", f"torch{os.sep}_compile.py", f"{os.sep}_dynamo{os.sep}")
+                frames = [f for f in traceback.extract_stack()[:-1] if not any(s in f.filename for s in skip)]
+                inner = frames[-1]                     # the Python line that asked for the value
+                if f"{os.sep}simple_diffusion{os.sep}" in inner.filename:
+                    ours.append(f"{Path(inner.filename).name}:{inner.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        fn()
+    return ours
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(loss="min_snr"), dict(prediction="v"),
+                                dict(class_conditional=True, data="digits", model="auto",
+                                     model_kwargs={"base_channels": 8}, batch_size=8)])
+def test_train_step_reads_nothing_back_to_the_host(kw, one_thread):
+    "No `.item()`/`int()`/`bool()` on a tensor from our code inside train_step (torch's optimiser keeps its own host counters)."
+    cfg = tiny(**kw)
+    data = None if cfg.data == "digits" else (MOONS, None)
+    tr = Trainer(cfg, data=data)
+    tr.train_step()
+    assert _host_reads_by_package(tr.train_step) == []
+    # the spy does see our reads where there are some: check_t reads t's values
+    t = torch.zeros(4, dtype=torch.long)
+    assert _host_reads_by_package(lambda: tr.schedule.check_t(t)) != []
