@@ -8,7 +8,7 @@ TORCH  ?= torch
 PYTEST_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install export check-sync pytest nbval book test wheel clean strip
+.PHONY: install export check-sync lint format pytest nbval book book-build test wheel clean strip
 
 $(STAMP): settings.ini setup.py pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,12 @@ check-sync: export        ## fail if simple_diffusion/ differs from what the not
 	@test -z "$$(git ls-files --others --exclude-standard -- simple_diffusion)" || \
 	  { echo "untracked exported files:"; git ls-files --others --exclude-standard -- simple_diffusion; exit 1; }
 
+lint: install              ## ruff on the exported package (pyflakes, one statement a line)
+	$(VENV)/bin/ruff check simple_diffusion
+
+format: install            ## ruff-format every notebook's code cells (then run `make export`)
+	$(VENV)/bin/ruff format nbs/*.ipynb
+
 pytest: install            ## package contracts (tests/), including 'notebooks carry no outputs'
 	$(PY) -m pytest tests -q $(PYTEST_ARGS)
 
@@ -35,10 +41,17 @@ nbval: install             ## execute every notebook in nbs/ as a test
 	$(PY) -m pytest nbs --nbval-lax --nbval-current-env -q -p no:cacheprovider $(PYTEST_ARGS)
 
 book: export               ## execute every notebook in _toc.yml and render _build/html
-	rm -rf _build/html
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(MAKE) book-build
 
-test: check-sync pytest nbval book
+book-build: install        ## the book from the current module (no export: safe beside pytest)
+	rm -rf _build/html
+	MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+# The notebooks are executed twice (nbval, then the book): run the two side by side, one per core,
+# with the package tests queued behind nbval. -O prints each target's output when it finishes;
+# any failure still fails `make test`.
+test: check-sync lint
+	$(MAKE) -j2 -O pytest nbval book-build
 
 wheel: install             ## sdist + wheel into dist/
 	rm -rf dist build

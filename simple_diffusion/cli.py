@@ -28,24 +28,36 @@ __all__ = ['build_parser', 'main']
 def _add_model_options(p, n_default: int, models: str):
     "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or a ckpt-* directory")
+    src.add_argument(
+        "--checkpoint",
+        help="a run directory (its latest checkpoint) or a ckpt-* directory",
+    )
     src.add_argument("--pretrained", help=f"a model shipped with the package: {models}")
-    options = (("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"),
-               ("--steps", int, 50, "network evaluations"),
-               ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
-               ("--spacing", str, "leading", "linspace, leading or trailing"),
-               ("--n", int, n_default, "number of samples"),
-               ("--seed", int, 0, "random seed"),
-               ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps"))
+    options = (
+        ("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"),
+        ("--steps", int, 50, "network evaluations"),
+        ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
+        ("--spacing", str, "leading", "linspace, leading or trailing"),
+        ("--n", int, n_default, "number of samples"),
+        ("--seed", int, 0, "random seed"),
+        ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps"),
+    )
     for flag, typ, default, text in options:
-        p.add_argument(flag, type=typ, default=default, help=f"{text} (default: {default})")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per network call (default: all at once)")
+        p.add_argument(
+            flag, type=typ, default=default, help=f"{text} (default: {default})"
+        )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples per network call (default: all at once)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _load_model(args):
-    "(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or --checkpoint."
+    """(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or
+    --checkpoint."""
     if args.pretrained is not None:
         model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
         info = pretrained.card(args.pretrained)
@@ -56,37 +68,70 @@ def _load_model(args):
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
 # %% ../nbs/14_cli.ipynb #2efedbad
-def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, model_kwargs=None) -> torch.Tensor:
+def _draw(
+    args, model, schedule, cfg, shape, clip_denoised: bool, model_kwargs=None
+) -> torch.Tensor:
     "Sample args.n examples with the sampler options of `args`; float32 on the CPU."
     dev = next(model.parameters()).device
     variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
-    x = sample(model, schedule, (args.n, *shape), args.sampler, args.steps, args.eta, args.spacing,
-               prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
-               generator=torch.Generator(dev).manual_seed(args.seed), model_kwargs=model_kwargs or {},
-               batch_size=args.batch_size, progress=not args.quiet)
+    x = sample(
+        model,
+        schedule,
+        (args.n, *shape),
+        args.sampler,
+        args.steps,
+        args.eta,
+        args.spacing,
+        prediction=cfg.prediction,
+        variance=variance,
+        clip_denoised=clip_denoised,
+        generator=torch.Generator(dev).manual_seed(args.seed),
+        model_kwargs=model_kwargs or {},
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     return x.float().cpu()
 
 # %% ../nbs/14_cli.ipynb #c0f31470
 def _add_sample_parser(sub):
     "Options of `simple-diffusion sample`."
-    s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
-                       description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save "
-                                   "the samples as a PNG grid.")
+    s = sub.add_parser(
+        "sample",
+        help="sample a trained run or a shipped model into a PNG (and .npy)",
+        description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save "
+        "the samples as a PNG grid.",
+    )
     _add_model_options(s, 64, "digits, digits_cond or gmm8")
     s.add_argument("--out", required=True, help="the .png file to write")
-    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
-    s.add_argument("--label", type=int, default=None,
-                   help="class label for a class-conditional model (default: unconditional)")
+    s.add_argument(
+        "--npy",
+        default=None,
+        help="also save the raw samples [N, ...] as this .npy file",
+    )
+    s.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class label for a class-conditional model (default: unconditional)",
+    )
 
 
 def _save_png(x: torch.Tensor, path: str):
     "A grid of images, or a scatter plot of 2-D points, as a PNG file."
     if x.ndim == 4:
         from matplotlib.image import imsave
+
         grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))))
-        imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        imsave(
+            path,
+            grid[..., 0] if grid.shape[-1] == 1 else grid,
+            cmap="gray",
+            vmin=0,
+            vmax=1,
+        )
         return
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
@@ -101,38 +146,60 @@ def _sample_command(args) -> int:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     model, schedule, cfg, shape, K = _load_model(args)
     if args.label is not None and (K is None or not 0 <= args.label <= K):
-        raise ValueError(f"--label must be in [0, {K}] ({K} = unconditional)" if K
-                         else "--label needs a class-conditional model; this one has no labels")
+        raise ValueError(
+            f"--label must be in [0, {K}] ({K} = unconditional)"
+            if K
+            else "--label needs a class-conditional model; this one has no labels"
+        )
     dev = next(model.parameters()).device
-    kw = {} if args.label is None else {"y": torch.full((args.n,), args.label, device=dev)}
-    x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, model_kwargs=kw)
+    kw = (
+        {}
+        if args.label is None
+        else {"y": torch.full((args.n,), args.label, device=dev)}
+    )
+    x = _draw(
+        args,
+        model,
+        schedule,
+        cfg,
+        shape,
+        clip_denoised=len(shape) == 3,
+        model_kwargs=kw,
+    )
     _save_png(x, args.out)
     if args.npy:
         np.save(args.npy, x.numpy())
     also = f" and {args.npy}" if args.npy else ""
-    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}")
+    print(
+        f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}"
+    )
     return 0
 
 # %% ../nbs/14_cli.ipynb #2db432e4
 def _add_evaluate_parser(sub):
     "Options of `simple-diffusion evaluate`."
-    e = sub.add_parser("evaluate",
-                       help="sample an 8×8 digits model; print FID, KID, IS, precision/recall as JSON",
-                       description="Sample a digits model and score the samples against the "
-                                   "training digits (evaluate_samples; features of the shipped "
-                                   "digits classifier, not Inception).")
+    e = sub.add_parser(
+        "evaluate",
+        help="sample an 8×8 digits model; print FID, KID, IS, precision/recall as JSON",
+        description="Sample a digits model and score the samples against the "
+        "training digits (evaluate_samples; features of the shipped "
+        "digits classifier, not Inception).",
+    )
     _add_model_options(e, 2000, "digits or digits_cond")
 
 
 def _evaluate_command(args) -> int:
     from simple_diffusion.data import load_digits
     from simple_diffusion.metrics import evaluate_samples
+
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
     model, schedule, cfg, shape, _ = _load_model(args)
     if shape != (1, 8, 8):
-        raise ValueError("evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), "
-                         f"this one has data shape {shape}")
+        raise ValueError(
+            "evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), "
+            f"this one has data shape {shape}"
+        )
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
     scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
     print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
@@ -141,6 +208,7 @@ def _evaluate_command(args) -> int:
 # %% ../nbs/14_cli.ipynb #0a066890
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit status 2."
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -167,27 +235,55 @@ def _add_config_options(p: argparse.ArgumentParser):
         default = f.default_factory() if f.default is MISSING else f.default
         text = f"{docs[f.name]} (default: {default})"
         if f.type == "bool" and default:
-            p.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", default=None,
-                           help=f"turn off: {text}")
+            p.add_argument(
+                "--no-" + flag[2:],
+                dest=f.name,
+                action="store_false",
+                default=None,
+                help=f"turn off: {text}",
+            )
         elif f.type == "bool":
-            p.add_argument(flag, dest=f.name, action="store_true", default=None, help=text)
+            p.add_argument(
+                flag, dest=f.name, action="store_true", default=None, help=text
+            )
         else:
-            p.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=None,
-                           choices=_CHOICES.get(f.name), help=text)
+            p.add_argument(
+                flag,
+                dest=f.name,
+                type=_TYPES[f.type],
+                default=None,
+                choices=_CHOICES.get(f.name),
+                help=text,
+            )
 
 # %% ../nbs/14_cli.ipynb #f9c499ba
 def build_parser() -> argparse.ArgumentParser:
     "The `simple-diffusion` parser, with one subcommand per task: train, sample, evaluate."
-    p = _Parser(prog="simple-diffusion",
-                description="Denoising diffusion models, derived and measured.")
-    p.add_argument("--version", action="version", version=f"simple-diffusion {__version__}")
+    p = _Parser(
+        prog="simple-diffusion",
+        description="Denoising diffusion models, derived and measured.",
+    )
+    p.add_argument(
+        "--version", action="version", version=f"simple-diffusion {__version__}"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    t = sub.add_parser("train", help="train a model; checkpoints and log.jsonl go into --out",
-                       description="Train a diffusion model (Algorithm 1 of Ho et al. 2020) "
-                                   "into a run directory.")
-    t.add_argument("--out", required=True, help="run directory: checkpoints ckpt-*/, latest, log.jsonl")
+    t = sub.add_parser(
+        "train",
+        help="train a model; checkpoints and log.jsonl go into --out",
+        description="Train a diffusion model (Algorithm 1 of Ho et al. 2020) "
+        "into a run directory.",
+    )
+    t.add_argument(
+        "--out",
+        required=True,
+        help="run directory: checkpoints ckpt-*/, latest, log.jsonl",
+    )
     _add_config_options(t)
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sample_parser(sub)
     _add_evaluate_parser(sub)
@@ -199,31 +295,49 @@ def _train_command(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     trainer = train(args.out, resume=args.resume, progress=not args.quiet, **overrides)
     if trainer.rank == 0:
-        last = trainer.history[-min(50, len(trainer.history)):] or [float("nan")]
+        last = trainer.history[-min(50, len(trainer.history)) :] or [float("nan")]
         ckpt = trainer.out_dir / (trainer.out_dir / "latest").read_text()
-        print(f"trained {trainer.step} steps; mean loss of the last {len(last)}: "
-              f"{sum(last) / len(last):.4f}; checkpoint: {ckpt}")
+        print(
+            f"trained {trainer.step} steps; mean loss of the last {len(last)}: "
+            f"{sum(last) / len(last):.4f}; checkpoint: {ckpt}"
+        )
     return 0
 
 
-_COMMANDS = {"train": _train_command, "sample": _sample_command, "evaluate": _evaluate_command}
+_COMMANDS = {
+    "train": _train_command,
+    "sample": _sample_command,
+    "evaluate": _evaluate_command,
+}
 
 
-def main(argv: list[str] | None = None,  # the arguments after the program name; None: sys.argv[1:]
-        ) -> int:                        # the exit status
+def main(
+    argv: list[str]
+    | None = None,  # the arguments after the program name; None: sys.argv[1:]
+) -> int:  # the exit status
     "Entry point of the `simple-diffusion` console script."
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:             # a bare `simple-diffusion`: say what it can do
+    if args.command is None:  # a bare `simple-diffusion`: say what it can do
         parser.print_help(sys.stderr)
         return 2
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, OSError, FloatingPointError) as e:   # user errors: values, files, divergence
-        print(f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    except (
+        ValueError,
+        OSError,
+        FloatingPointError,
+    ) as e:  # user errors: values, files, divergence
+        print(
+            f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
-        print(f"simple-diffusion {args.command}: interrupted; continue with --resume", file=sys.stderr)
+        print(
+            f"simple-diffusion {args.command}: interrupted; continue with --resume",
+            file=sys.stderr,
+        )
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -15,34 +15,50 @@ __all__ = ['pick_device', 'full_run', 'glue', 'check_int', 'check_number', 'chec
            'patch', 'make_grid', 'show_images']
 
 # %% ../nbs/00_core.ipynb #996efdaf
-def pick_device(device: str | torch.device = "auto",  # "auto", "cpu", "cuda", "cuda:N" or "mps"
-               ) -> torch.device:
+def pick_device(
+    device: str | torch.device = "auto",  # "auto", "cpu", "cuda", "cuda:N" or "mps"
+) -> torch.device:
     "Resolve a device name; `'auto'` takes CUDA, then Apple's MPS, then the CPU."
-    if isinstance(device, torch.device): return device
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
-        if torch.cuda.is_available(): return torch.device("cuda")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
         mps = getattr(torch.backends, "mps", None)
         return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try: dev = torch.device(device)
+    try:
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from e
+        raise ValueError(
+            f"device={device!r} is not a device name; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+        ) from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here; use 'auto' or 'cpu'")
+        raise ValueError(
+            f"device={device!r} but CUDA is not available here; use 'auto' or 'cpu'"
+        )
     return dev
 
 # %% ../nbs/00_core.ipynb #e6b83bb5
 def full_run() -> bool:
     "True when the environment variable `SIMPLE_DIFFUSION_FULL` is set to 1/true/yes."
-    return os.environ.get("SIMPLE_DIFFUSION_FULL", "").strip().lower() in {"1", "true", "yes"}
+    return os.environ.get("SIMPLE_DIFFUSION_FULL", "").strip().lower() in {
+        "1",
+        "true",
+        "yes",
+    }
 
 # %% ../nbs/00_core.ipynb #81dc3fcd
-def glue(name: str,            # the key the Markdown refers to, as {glue:text}`name`
-         value,                # any object; numbers are usually formatted at the reference
-         display: bool = False # also show the value in the cell's output
-        ):
-    "Record `value` for the book's text with `myst_nb.glue`; a no-op returning `value` without myst-nb."
-    try: from myst_nb import glue as _glue
-    except ImportError: return value
+def glue(
+    name: str,  # the key the Markdown refers to, as {glue:text}`name`
+    value,  # any object; numbers are usually formatted at the reference
+    display: bool = False,  # also show the value in the cell's output
+):
+    """Record `value` for the book's text with `myst_nb.glue`; a no-op returning `value` without
+    myst-nb."""
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        return value
     _glue(name, value, display=display)
     return value
 
@@ -54,27 +70,33 @@ def _interval(lo, hi, lo_open=False, hi_open=False) -> str:
     return f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
 
 
-def check_int(value,                # the argument to check
-              name: str,            # its name, for the message
-              lo: int | None = None,  # smallest allowed value, or None
-              hi: int | None = None,  # largest allowed value, or None
-             ) -> int:
+def check_int(
+    value,  # the argument to check
+    name: str,  # its name, for the message
+    lo: int | None = None,  # smallest allowed value, or None
+    hi: int | None = None,  # largest allowed value, or None
+) -> int:
     "`value` as an `int` if it is a Python or NumPy integer (not a bool, not a float) in [lo, hi]."
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    ok = isinstance(value, (int, np.integer)) and not isinstance(
+        value, (bool, np.bool_)
+    )
     ok = ok and (lo is None or value >= lo) and (hi is None or value <= hi)
     if not ok:
-        raise ValueError(f"{name} must be an integer in {_interval(lo, hi)}, got {value!r}")
+        raise ValueError(
+            f"{name} must be an integer in {_interval(lo, hi)}, got {value!r}"
+        )
     return int(value)
 
 # %% ../nbs/00_core.ipynb #aec0d532
-def check_number(value,               # the argument to check
-                 name: str,           # its name, for the message
-                 lo: float | None = None,   # lower bound, or None
-                 hi: float | None = None,   # upper bound, or None
-                 *,
-                 lo_open: bool = False,     # exclude lo itself
-                 hi_open: bool = False,     # exclude hi itself
-                ) -> float:
+def check_number(
+    value,  # the argument to check
+    name: str,  # its name, for the message
+    lo: float | None = None,  # lower bound, or None
+    hi: float | None = None,  # upper bound, or None
+    *,
+    lo_open: bool = False,  # exclude lo itself
+    hi_open: bool = False,  # exclude hi itself
+) -> float:
     "`value` as a `float` if it is a finite real number (bool refused) in the given interval."
     is_num = isinstance(value, (int, float, np.integer, np.floating))
     ok = is_num and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
@@ -86,53 +108,66 @@ def check_number(value,               # the argument to check
     return float(value)
 
 
-def check_choice(value,          # the argument to check
-                 allowed,        # the allowed values (a tuple)
-                 name: str,      # its name, for the message
-                ):
+def check_choice(
+    value,  # the argument to check
+    allowed,  # the allowed values (a tuple)
+    name: str,  # its name, for the message
+):
     "`value` itself if it is one of `allowed`; else ValueError listing them."
-    same = lambda a: value is a or (type(value) is type(a) or isinstance(value, str) and
-                                    isinstance(a, str)) and value == a
+    same = lambda a: (
+        value is a
+        or (type(value) is type(a) or isinstance(value, str) and isinstance(a, str))
+        and value == a
+    )
     if not any(same(a) for a in allowed):
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
     return value
 
 # %% ../nbs/00_core.ipynb #12d88d20
-def check_tensor(x,                        # the argument to check
-                 name: str,                # its name, for the message
-                 *,
-                 min_ndim: int = 1,        # at least this many dimensions ([B, ...] by default)
-                 shape: tuple | None = None,  # the exact shape required, if any
-                 floating: bool = True,    # require a real floating dtype
-                 finite: bool = False,     # also require every value finite (one host sync)
-                ) -> torch.Tensor:
+def check_tensor(
+    x,  # the argument to check
+    name: str,  # its name, for the message
+    *,
+    min_ndim: int = 1,  # at least this many dimensions ([B, ...] by default)
+    shape: tuple | None = None,  # the exact shape required, if any
+    floating: bool = True,  # require a real floating dtype
+    finite: bool = False,  # also require every value finite (one host sync)
+) -> torch.Tensor:
     "`x` itself if it is a tensor of the required rank/shape/dtype (and finite, if asked)."
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
     if floating and not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.ndim < min_ndim or (shape is not None and tuple(x.shape) != tuple(shape)):
-        want = f"shape {tuple(shape)}" if shape is not None else f"at least {min_ndim} dimension(s)"
+        want = (
+            f"shape {tuple(shape)}"
+            if shape is not None
+            else f"at least {min_ndim} dimension(s)"
+        )
         raise ValueError(f"{name} must have {want}, got shape {tuple(x.shape)}")
     if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} must be finite, found NaN or Inf")
     return x
 
 
-def randn(shape: tuple,                            # the shape of the noise
-          like: torch.Tensor,                      # supplies dtype and device
-          generator: torch.Generator | None = None,  # drawn from it (on its device) if given
-         ) -> torch.Tensor:
+def randn(
+    shape: tuple,  # the shape of the noise
+    like: torch.Tensor,  # supplies dtype and device
+    generator: torch.Generator | None = None,  # drawn from it (on its device) if given
+) -> torch.Tensor:
     "Standard normal noise with `like`'s dtype and device, reproducible from `generator`."
     dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(like.device)
+    return torch.randn(shape, generator=generator, device=dev, dtype=like.dtype).to(
+        like.device
+    )
 
 
-def noise_like(noise: torch.Tensor | None,   # given noise, or None to draw it
-               like: torch.Tensor,           # the data it goes with: shape, dtype, device
-               generator: torch.Generator | None = None,  # used when noise is None
-               name: str = "noise",          # the argument's name, for the message
-              ) -> torch.Tensor:
+def noise_like(
+    noise: torch.Tensor | None,  # given noise, or None to draw it
+    like: torch.Tensor,  # the data it goes with: shape, dtype, device
+    generator: torch.Generator | None = None,  # used when noise is None
+    name: str = "noise",  # the argument's name, for the message
+) -> torch.Tensor:
     "`noise` checked (a float tensor of `like`'s shape) and cast to `like`; fresh N(0, I) if None."
     if noise is None:
         return randn(like.shape, like, generator)
@@ -146,38 +181,57 @@ def patch(f):
     return f
 
 # %% ../nbs/00_core.ipynb #babbb6ba
-def make_grid(images: torch.Tensor,  # [B, C, H, W], values in [-1, 1]
-              nrow: int | None = None, # images per row; default: a square-ish grid
-              padding: int = 1,        # pixels between images, drawn at the value pad_value
-              pad_value: float = 1.0,  # in [-1, 1]; white by default
-             ) -> np.ndarray:          # [rows*(H+p)+p, nrow*(W+p)+p, C] in [0, 1]
+def make_grid(
+    images: torch.Tensor,  # [B, C, H, W], values in [-1, 1]
+    nrow: int | None = None,  # images per row; default: a square-ish grid
+    padding: int = 1,  # pixels between images, drawn at the value pad_value
+    pad_value: float = 1.0,  # in [-1, 1]; white by default
+) -> np.ndarray:  # [rows*(H+p)+p, nrow*(W+p)+p, C] in [0, 1]
     "Tile a batch of images into a single array in [0, 1], channels last."
-    if images.ndim != 4: raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    if padding < 0: raise ValueError(f"padding must be >= 0, got {padding}")
+    if images.ndim != 4:
+        raise ValueError(
+            f"images must be [B, C, H, W], got shape {tuple(images.shape)}"
+        )
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
     B, C, H, W = images.shape
     nrow = nrow or math.ceil(math.sqrt(B))
-    if nrow < 1: raise ValueError(f"nrow must be >= 1, got {nrow}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
     rows = math.ceil(B / nrow)
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
-    grid = np.full((rows * (H + padding) + padding, nrow * (W + padding) + padding, C), (pad_value + 1) / 2)
+    grid = np.full(
+        (rows * (H + padding) + padding, nrow * (W + padding) + padding, C),
+        (pad_value + 1) / 2,
+    )
     for i in range(B):
         r, c = divmod(i, nrow)
         y0, x0 = padding + r * (H + padding), padding + c * (W + padding)
-        grid[y0:y0 + H, x0:x0 + W] = x[i].transpose(1, 2, 0)
+        grid[y0 : y0 + H, x0 : x0 + W] = x[i].transpose(1, 2, 0)
     return grid
 
 # %% ../nbs/00_core.ipynb #1254deeb
-def show_images(images: torch.Tensor,  # [B, C, H, W] in [-1, 1]; C is 1 (grey) or 3 (RGB)
-                nrow: int | None = None, # images per row
-                ax=None,                 # a matplotlib Axes to draw into; a new figure if None
-                title: str | None = None,
-                figsize: tuple = (4, 4),
-               ):
+def show_images(
+    images: torch.Tensor,  # [B, C, H, W] in [-1, 1]; C is 1 (grey) or 3 (RGB)
+    nrow: int | None = None,  # images per row
+    ax=None,  # a matplotlib Axes to draw into; a new figure if None
+    title: str | None = None,
+    figsize: tuple = (4, 4),
+):
     "Draw a batch of images as one grid with matplotlib; returns the Axes."
     import matplotlib.pyplot as plt
+
     grid = make_grid(images, nrow=nrow)
-    if ax is None: _, ax = plt.subplots(figsize=figsize)
-    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    ax.imshow(
+        grid[..., 0] if grid.shape[-1] == 1 else grid,
+        cmap="gray",
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
     ax.set_axis_off()
-    if title: ax.set_title(title)
+    if title:
+        ax.set_title(title)
     return ax

@@ -18,18 +18,25 @@ __all__ = ['TOY_DATASETS', 'TOY_SAMPLES', 'load_digits', 'GaussianMixture', 'toy
            'load_training_data']
 
 # %% ../nbs/01_data.ipynb #a117d637
-def load_digits(split: str = "train",       # "train", "test" or "all"
-                *,
-                test_fraction: float = 0.2,  # share of each class held out, in (0, 1)
-                seed: int = 0,               # seed of the stratified train/test split
-                pad: int = 0,                # pixels of background (-1) added on every side, >= 0
-                size: int | None = None,     # resize (after padding) to size x size, bilinear; None keeps it
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # images [N, 1, H, W] float32 in [-1, 1], labels [N] long
+def load_digits(
+    split: str = "train",  # "train", "test" or "all"
+    *,
+    test_fraction: float = 0.2,  # share of each class held out, in (0, 1)
+    seed: int = 0,  # seed of the stratified train/test split
+    pad: int = 0,  # pixels of background (-1) added on every side, >= 0
+    size: int
+    | None = None,  # resize (after padding) to size x size, bilinear; None keeps it
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # images [N, 1, H, W] float32 in [-1, 1], labels [N] long
     "scikit-learn's 8×8 handwritten digits scaled to [-1, 1], split reproducibly by `seed`."
     from sklearn.datasets import load_digits as _sk_digits
     from sklearn.model_selection import train_test_split
-    if split not in ("train", "test", "all"): raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
-    if not 0 < test_fraction < 1: raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     check_number(test_fraction, "test_fraction", 0, 1, lo_open=True, hi_open=True)
     pad = check_int(pad, "pad", 0)
     size = None if size is None else check_int(size, "size", 1)
@@ -37,62 +44,98 @@ def load_digits(split: str = "train",       # "train", "test" or "all"
     x = torch.from_numpy(d.images.astype(np.float32) / 16 * 2 - 1).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
     if split != "all":
-        idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=d.target)
+        idx_train, idx_test = train_test_split(
+            np.arange(len(y)),
+            test_size=test_fraction,
+            random_state=seed,
+            stratify=d.target,
+        )
         idx = torch.from_numpy(np.sort(idx_train if split == "train" else idx_test))
         x, y = x[idx], y[idx]
-    if pad: x = F.pad(x, (pad,) * 4, value=-1.0)
+    if pad:
+        x = F.pad(x, (pad,) * 4, value=-1.0)
     if size is not None and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]).clamp(-1, 1)
+        x = F.interpolate(
+            x,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=size < x.shape[-1],
+        ).clamp(-1, 1)
     return x.contiguous(), y
 
 # %% ../nbs/01_data.ipynb #479ecb25
 class GaussianMixture:
-    "A mixture of diagonal Gaussians in D dimensions, held in float64: sampling and the exact log-density."
-    def __init__(self,
-                 means,          # [K, D] component means
-                 stds,           # [K] (isotropic) or [K, D] (diagonal) standard deviations, > 0
-                 weights=None,   # [K] mixture weights, >= 0, summing to 1; default uniform
-                ):
+    """A mixture of diagonal Gaussians in D dimensions, held in float64: sampling and the exact log-
+    density."""
+
+    def __init__(
+        self,
+        means,  # [K, D] component means
+        stds,  # [K] (isotropic) or [K, D] (diagonal) standard deviations, > 0
+        weights=None,  # [K] mixture weights, >= 0, summing to 1; default uniform
+    ):
         self.means = torch.as_tensor(means, dtype=torch.float64)
-        if self.means.ndim != 2: raise ValueError(f"means must be [K, D], got shape {tuple(self.means.shape)}")
+        if self.means.ndim != 2:
+            raise ValueError(
+                f"means must be [K, D], got shape {tuple(self.means.shape)}"
+            )
         K, D = self.means.shape
         stds = torch.as_tensor(stds, dtype=torch.float64)
-        if stds.shape == (K,): stds = stds[:, None].expand(K, D)
-        if stds.shape != (K, D): raise ValueError(f"stds must be [K]={K} or [K, D]={[K, D]}, got {tuple(stds.shape)}")
-        if not (torch.isfinite(stds).all() and (stds > 0).all()): raise ValueError("stds must be finite and > 0")
+        if stds.shape == (K,):
+            stds = stds[:, None].expand(K, D)
+        if stds.shape != (K, D):
+            raise ValueError(
+                f"stds must be [K]={K} or [K, D]={[K, D]}, got {tuple(stds.shape)}"
+            )
+        if not (torch.isfinite(stds).all() and (stds > 0).all()):
+            raise ValueError("stds must be finite and > 0")
         self.stds = stds.contiguous()
-        w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (
+            torch.full((K,), 1.0 / K, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         if w.shape != (K,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-9:
-            raise ValueError(f"weights must be [K]={K} non-negative numbers summing to 1")
+            raise ValueError(
+                f"weights must be [K]={K} non-negative numbers summing to 1"
+            )
         self.weights = w
 
     @property
-    def dim(self) -> int: return self.means.shape[1]
+    def dim(self) -> int:
+        return self.means.shape[1]
 
-    def __repr__(self): return f"GaussianMixture(K={len(self.weights)}, D={self.dim})"
+    def __repr__(self):
+        return f"GaussianMixture(K={len(self.weights)}, D={self.dim})"
 
 # %% ../nbs/01_data.ipynb #a446ef43
 @patch
-def component_log_prob(self: GaussianMixture,
-                       x: torch.Tensor,  # [N, D]
-                      ) -> torch.Tensor:  # [N, K]: log pi_k + log N(x; mu_k, diag sigma_k^2)
+def component_log_prob(
+    self: GaussianMixture,
+    x: torch.Tensor,  # [N, D]
+) -> torch.Tensor:  # [N, K]: log pi_k + log N(x; mu_k, diag sigma_k^2)
     "Per-component joint log-density log π_k + log N(x; μ_k, σ_k²), Eq. (eq-gmm-logpdf)."
-    if x.ndim != 2 or x.shape[1] != self.dim: raise ValueError(f"x must be [N, {self.dim}], got {tuple(x.shape)}")
+    if x.ndim != 2 or x.shape[1] != self.dim:
+        raise ValueError(f"x must be [N, {self.dim}], got {tuple(x.shape)}")
     x = x.to(torch.float64)[:, None, :]
     m, s = self.means.to(x.device), self.stds.to(x.device)
     ll = -0.5 * ((x - m) / s) ** 2 - s.log() - 0.5 * math.log(2 * math.pi)
     return ll.sum(-1) + self.weights.to(x.device).log()
+
 
 @patch
 def log_prob(self: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
     "Exact log p(x) in nats for x of shape [N, D], Eq. (eq-gmm-logpdf); float64."
     return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
+
 @patch
-def sample(self: GaussianMixture,
-           n: int,                                   # number of samples, >= 1
-           generator: torch.Generator | None = None, # for reproducibility
-          ) -> tuple[torch.Tensor, torch.Tensor]:    # x [n, D] float64, component index [n]
+def sample(
+    self: GaussianMixture,
+    n: int,  # number of samples, >= 1
+    generator: torch.Generator | None = None,  # for reproducibility
+) -> tuple[torch.Tensor, torch.Tensor]:  # x [n, D] float64, component index [n]
     "Draw n samples: pick a component by its weight, then add its Gaussian noise."
     n = check_int(n, "n", 1)
     k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
@@ -102,66 +145,113 @@ def sample(self: GaussianMixture,
 # %% ../nbs/01_data.ipynb #1bb672f6
 TOY_DATASETS = ("moons", "swissroll", "gmm25", "gmm8")
 
-def toy_mixture(name: str,          # "gmm25" or "gmm8"
-                std: float = 0.1,   # standard deviation of every component, > 0
-               ) -> GaussianMixture:
-    "The exact Gaussian mixture behind the toy datasets 'gmm25' (5×5 grid) and 'gmm8' (ring of radius 2)."
+
+def toy_mixture(
+    name: str,  # "gmm25" or "gmm8"
+    std: float = 0.1,  # standard deviation of every component, > 0
+) -> GaussianMixture:
+    """The exact Gaussian mixture behind the toy datasets 'gmm25' (5×5 grid) and 'gmm8' (ring of
+    radius 2)."""
     if name == "gmm25":
         g = torch.arange(-2.0, 3.0, dtype=torch.float64)
         means = torch.cartesian_prod(g, g)
     elif name == "gmm8":
         a = torch.arange(8, dtype=torch.float64) * 2 * math.pi / 8
         means = 2 * torch.stack([a.cos(), a.sin()], 1)
-    else: raise ValueError(f"name must be 'gmm25' or 'gmm8' for a mixture, got {name!r}")
-    return GaussianMixture(means, torch.full((len(means),), float(std), dtype=torch.float64))
+    else:
+        raise ValueError(f"name must be 'gmm25' or 'gmm8' for a mixture, got {name!r}")
+    return GaussianMixture(
+        means, torch.full((len(means),), float(std), dtype=torch.float64)
+    )
 
 # %% ../nbs/01_data.ipynb #6d45f865
-def make_toy(name: str,       # one of TOY_DATASETS
-             n: int,          # number of points, >= 1
-             *,
-             seed: int = 0,   # everything random is drawn from this seed
-            ) -> torch.Tensor:  # [n, 2] float32
+def make_toy(
+    name: str,  # one of TOY_DATASETS
+    n: int,  # number of points, >= 1
+    *,
+    seed: int = 0,  # everything random is drawn from this seed
+) -> torch.Tensor:  # [n, 2] float32
     "Sample n points of a named 2-D toy distribution (see `TOY_DATASETS`), reproducibly."
     from sklearn import datasets as skd
-    if name not in TOY_DATASETS: raise ValueError(f"name must be one of {TOY_DATASETS}, got {name!r}")
+
+    if name not in TOY_DATASETS:
+        raise ValueError(f"name must be one of {TOY_DATASETS}, got {name!r}")
     n = check_int(n, "n", 1)
     if name == "moons":
         x = skd.make_moons(n, noise=0.05, random_state=seed)[0]
-        x = (x - [0.5, 0.25]) / [0.87, 0.5]                    # centre and scale of the noiseless moons
+        x = (x - [0.5, 0.25]) / [0.87, 0.5]  # centre and scale of the noiseless moons
     elif name == "swissroll":
         x = skd.make_swiss_roll(n, noise=0.25, random_state=seed)[0][:, [0, 2]] / 7.0
     else:
-        x = toy_mixture(name).sample(n, generator=torch.Generator().manual_seed(seed))[0].numpy()
+        x = (
+            toy_mixture(name)
+            .sample(n, generator=torch.Generator().manual_seed(seed))[0]
+            .numpy()
+        )
     return torch.as_tensor(np.asarray(x), dtype=torch.float32)
 
 # %% ../nbs/01_data.ipynb #5ee867a1
-def load_npy_images(path: str | os.PathLike,  # an .npy file: [N, H, W] or [N, C, H, W], uint8 0..255 or float in [-1, 1]
-                   ) -> torch.Tensor:         # [N, C, H, W] float32 in [-1, 1]
+def load_npy_images(
+    path: str
+    | os.PathLike,  # an .npy file: [N, H, W] or [N, C, H, W], uint8 0..255 or float in [-1, 1]
+) -> torch.Tensor:  # [N, C, H, W] float32 in [-1, 1]
     "Read and validate an array of images from an .npy file (never unpickling it)."
     p = Path(path)
-    if not p.is_file(): raise FileNotFoundError(f"data={str(path)!r}: no such file")
-    try: a = np.load(p, allow_pickle=False, mmap_mode="r")
-    except (ValueError, OSError) as e: raise ValueError(f"data={str(path)!r}: not a readable .npy array ({e})") from None
+    if not p.is_file():
+        raise FileNotFoundError(f"data={str(path)!r}: no such file")
+    try:
+        a = np.load(p, allow_pickle=False, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise ValueError(
+            f"data={str(path)!r}: not a readable .npy array ({e})"
+        ) from None
     if a.ndim not in (3, 4) or a.shape[0] == 0:
-        raise ValueError(f"data={str(path)!r}: images must be a non-empty [N, H, W] or [N, C, H, W] array, got shape {a.shape}")
-    if a.ndim == 3: a = a[:, None]
+        raise ValueError(
+            f"data={str(path)!r}: images must be a non-empty [N, H, W] or [N, C, H, W] array, got "
+            f"shape {a.shape}"
+        )
+    if a.ndim == 3:
+        a = a[:, None]
     if not 1 <= a.shape[1] <= 4:
-        raise ValueError(f"data={str(path)!r}: expected [N, C, H, W] with 1 to 4 channels, got shape {a.shape} (channels-last arrays must be transposed)")
-    if a.dtype == np.uint8: return torch.from_numpy(np.asarray(a, dtype=np.float32) / 127.5 - 1)
-    if a.dtype.kind != "f": raise ValueError(f"data={str(path)!r}: dtype {a.dtype} is not supported; use uint8 (0..255) or float in [-1, 1]")
+        raise ValueError(
+            f"data={str(path)!r}: expected [N, C, H, W] with 1 to 4 channels, got shape {a.shape} "
+            "(channels-last arrays must be transposed)"
+        )
+    if a.dtype == np.uint8:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32) / 127.5 - 1)
+    if a.dtype.kind != "f":
+        raise ValueError(
+            f"data={str(path)!r}: dtype {a.dtype} is not supported; use uint8 (0..255) or float in "
+            "[-1, 1]"
+        )
     x = np.asarray(a, dtype=np.float32)
-    if not np.isfinite(x).all(): raise ValueError(f"data={str(path)!r}: the array contains NaN or Inf")
+    if not np.isfinite(x).all():
+        raise ValueError(f"data={str(path)!r}: the array contains NaN or Inf")
     lo, hi = float(x.min()), float(x.max())
-    if lo < -1 or hi > 1: raise ValueError(f"data={str(path)!r}: float images must lie in [-1, 1], got values in [{lo:g}, {hi:g}]; rescale them (0..255 -> x/127.5 - 1)")
+    if lo < -1 or hi > 1:
+        raise ValueError(
+            f"data={str(path)!r}: float images must lie in [-1, 1], got values in [{lo:g}, "
+            f"{hi:g}]; rescale them (0..255 -> x/127.5 - 1)"
+        )
     return torch.from_numpy(x.copy())
 
 # %% ../nbs/01_data.ipynb #dfe873b5
 TOY_SAMPLES = 20_000
 
-def load_training_data(data: str,  # "digits", a name from TOY_DATASETS, or a path to an .npy file of images
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:  # x [N, ...] float32, labels [N] long or None
-    "Resolve a dataset name or .npy path to tensors: digits (train split, labelled), a 2-D toy (20 000 points), or images."
-    if data == "digits": return load_digits("train")
-    if data in TOY_DATASETS: return make_toy(data, TOY_SAMPLES, seed=0), None
-    if data.endswith(".npy") or os.path.sep in data or Path(data).exists(): return load_npy_images(data), None
-    raise ValueError(f"data must be 'digits', one of {TOY_DATASETS} or a path to an .npy file, got {data!r}")
+
+def load_training_data(
+    data: str,  # "digits", a name from TOY_DATASETS, or a path to an .npy file of images
+) -> tuple[
+    torch.Tensor, torch.Tensor | None
+]:  # x [N, ...] float32, labels [N] long or None
+    "Resolve a dataset name or .npy path to tensors: digits (train split, labelled), a 2-D toy "
+    "(20 000 points), or images."
+    if data == "digits":
+        return load_digits("train")
+    if data in TOY_DATASETS:
+        return make_toy(data, TOY_SAMPLES, seed=0), None
+    if data.endswith(".npy") or os.path.sep in data or Path(data).exists():
+        return load_npy_images(data), None
+    raise ValueError(
+        f"data must be 'digits', one of {TOY_DATASETS} or a path to an .npy file, got {data!r}"
+    )

@@ -21,29 +21,45 @@ __all__ = ['DECODERS', 'WEIGHTINGS', 'normal_kl', 'discretized_gaussian_log_like
            'elbo_bpd', 'simple_loss', 'hybrid_loss']
 
 # %% ../nbs/07_elbo.ipynb #447ed0e2
-def normal_kl(mean1: torch.Tensor | float,    # mean of the first Gaussian, q
-              logvar1: torch.Tensor | float,  # its log-variance
-              mean2: torch.Tensor | float,    # mean of the second Gaussian, p
-              logvar2: torch.Tensor | float,  # its log-variance
-             ) -> torch.Tensor:               # elementwise KL(q || p) in nats, broadcast shape
+def normal_kl(
+    mean1: torch.Tensor | float,  # mean of the first Gaussian, q
+    logvar1: torch.Tensor | float,  # its log-variance
+    mean2: torch.Tensor | float,  # mean of the second Gaussian, p
+    logvar2: torch.Tensor | float,  # its log-variance
+) -> torch.Tensor:  # elementwise KL(q || p) in nats, broadcast shape
     "KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, Eq. (eq-elbo-kl)."
     args = dict(mean1=mean1, logvar1=logvar1, mean2=mean2, logvar2=logvar2)
     ref = next((v for v in args.values() if isinstance(v, torch.Tensor)), None)
-    if ref is None: raise ValueError("at least one of mean1, logvar1, mean2, logvar2 must be a tensor")
+    if ref is None:
+        raise ValueError(
+            "at least one of mean1, logvar1, mean2, logvar2 must be a tensor"
+        )
     shape = ()
     for name, v in args.items():
-        args[name] = v = v if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=ref.dtype, device=ref.device)
-        try: shape = torch.broadcast_shapes(shape, v.shape)
-        except RuntimeError: raise ValueError(f"{name} of shape {tuple(v.shape)} does not broadcast with the arguments before it (shape {tuple(shape)})") from None
+        args[name] = v = (
+            v
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(float(v), dtype=ref.dtype, device=ref.device)
+        )
+        try:
+            shape = torch.broadcast_shapes(shape, v.shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(v.shape)} does not broadcast with the arguments before it "
+                f"(shape {tuple(shape)})"
+            ) from None
     m1, lv1, m2, lv2 = args.values()
-    return 0.5 * (lv2 - lv1 + torch.exp(lv1 - lv2) + (m1 - m2) ** 2 * torch.exp(-lv2) - 1.0)
+    return 0.5 * (
+        lv2 - lv1 + torch.exp(lv1 - lv2) + (m1 - m2) ** 2 * torch.exp(-lv2) - 1.0
+    )
 
 # %% ../nbs/07_elbo.ipynb #ede50c86
 DECODERS = ("discretized", "gaussian")
 
+
 def _log_normal_mass(lo, hi):
     "log(Φ(hi) - Φ(lo)) for lo < hi, accurate in both tails and for narrow intervals."
-    flip = lo > 0                                            # right tail: Φ(hi) - Φ(lo) = Φ(-lo) - Φ(-hi)
+    flip = lo > 0  # right tail: Φ(hi) - Φ(lo) = Φ(-lo) - Φ(-hi)
     lo, hi = torch.where(flip, -hi, lo), torch.where(flip, -lo, hi)
     log_hi = log_ndtr(hi)
     d = (log_ndtr(lo) - log_hi).clamp(max=-torch.finfo(hi.dtype).tiny)
@@ -51,130 +67,211 @@ def _log_normal_mass(lo, hi):
     midpoint = width.log() - 0.5 * ((lo + hi) / 2) ** 2 - 0.5 * math.log(2 * math.pi)
     return torch.where(width < 1e-4, midpoint, log_hi + torch.log(-torch.expm1(d)))
 
-def discretized_gaussian_log_likelihood(x: torch.Tensor,           # [B, ...] 8-bit data scaled to [-1, 1]
-                                        means: torch.Tensor,       # [B, ...] Gaussian means, shape of x
-                                        log_scales: torch.Tensor,  # log standard deviations, finite, broadcastable to x
-                                       ) -> torch.Tensor:          # [B, ...] log-probability of x's bin, nats
+
+def discretized_gaussian_log_likelihood(
+    x: torch.Tensor,  # [B, ...] 8-bit data scaled to [-1, 1]
+    means: torch.Tensor,  # [B, ...] Gaussian means, shape of x
+    log_scales: torch.Tensor,  # log standard deviations, finite, broadcastable to x
+) -> torch.Tensor:  # [B, ...] log-probability of x's bin, nats
     "log of the Gaussian's mass on the 2/255-wide bin of x, end bins open, Eq. (eq-elbo-decoder)."
     x = check_tensor(x, "x")
     if not isinstance(means, torch.Tensor) or means.shape != x.shape:
-        raise ValueError(f"means must be a tensor with the shape of x {tuple(x.shape)}, got {tuple(getattr(means, 'shape', ())) or type(means).__name__}")
+        raise ValueError(
+            f"means must be a tensor with the shape of x {tuple(x.shape)}, got "
+            f"{tuple(getattr(means, 'shape', ())) or type(means).__name__}"
+        )
     if x.numel() and (float(x.min()) < -1 or float(x.max()) > 1):
-        raise ValueError(f"x must lie in [-1, 1] (8-bit data scaled by 2/255 and shifted), got values in [{float(x.min()):.3g}, {float(x.max()):.3g}]")
+        raise ValueError(
+            "x must lie in [-1, 1] (8-bit data scaled by 2/255 and shifted), got values in "
+            f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
+        )
     log_scales = torch.as_tensor(log_scales, device=x.device)
-    try: ok = torch.broadcast_shapes(log_scales.shape, x.shape) == x.shape
-    except RuntimeError: ok = False
-    if not ok: raise ValueError(f"log_scales of shape {tuple(log_scales.shape)} must broadcast to the shape of x {tuple(x.shape)}")
-    if not torch.isfinite(log_scales).all(): raise ValueError("log_scales must be finite (found NaN or inf)")
+    try:
+        ok = torch.broadcast_shapes(log_scales.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"log_scales of shape {tuple(log_scales.shape)} must broadcast to the shape of x "
+            f"{tuple(x.shape)}"
+        )
+    if not torch.isfinite(log_scales).all():
+        raise ValueError("log_scales must be finite (found NaN or inf)")
     work = torch.float64 if x.device.type != "mps" else torch.float32
     inv = torch.exp(-log_scales.to(work))
     centred = x.to(work) - means.to(work)
     lo, hi = inv * (centred - 1 / 255), inv * (centred + 1 / 255)
-    out = torch.where(x < -0.999, log_ndtr(hi), torch.where(x > 0.999, log_ndtr(-lo), _log_normal_mass(lo, hi)))
+    out = torch.where(
+        x < -0.999,
+        log_ndtr(hi),
+        torch.where(x > 0.999, log_ndtr(-lo), _log_normal_mass(lo, hi)),
+    )
     return out.to(x.dtype)
+
 
 def _gaussian_log_likelihood(x, mean, log_var):
     "Elementwise log N(x; mean, e^log_var), nats: the continuous decoder."
-    return -0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+    return -0.5 * (
+        math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var)
+    )
 
 # %% ../nbs/07_elbo.ipynb #496a7d56
-def prior_bpd(schedule: NoiseSchedule,
-              x0: torch.Tensor,  # [B, ...] clean data
-             ) -> torch.Tensor:  # [B] bits per dimension
+def prior_bpd(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data
+) -> torch.Tensor:  # [B] bits per dimension
     "The prior term L_T = KL(q(x_T | x_0) || N(0, I)) in bits per dimension, Eq. (eq-elbo-decomp)."
     x0 = check_tensor(x0, "x0")
-    t = torch.full((len(x0),), schedule.num_timesteps - 1, dtype=torch.long, device=x0.device)
+    t = torch.full(
+        (len(x0),), schedule.num_timesteps - 1, dtype=torch.long, device=x0.device
+    )
     mean, _, log_var = q_mean_variance(schedule, x0, t)
     return normal_kl(mean, log_var, 0.0, 0.0).reshape(len(x0), -1).mean(1) / math.log(2)
 
 # %% ../nbs/07_elbo.ipynb #ee864e7d
-def vb_terms_bpd(model: Callable,               # model(x_t, t, **model_kwargs), as for p_mean_variance
-                 schedule: NoiseSchedule,
-                 x0: torch.Tensor,              # [B, ...] clean data ([-1, 1] for the discretized decoder)
-                 xt: torch.Tensor,              # [B, ...] a draw of x_t ~ q(x_t | x_0)
-                 t: torch.Tensor,               # [B] integer steps in [0, T); code t = 0 is the decoder
-                 *,
-                 prediction: str = "eps",       # one of PREDICTIONS
-                 variance: str = "fixed_small", # one of VARIANCES
-                 clip_denoised: bool = False,   # clip x̂_0 to [-1, 1] in the model's mean
-                 decoder: str = "discretized",  # one of DECODERS: 8-bit data, or a continuous density
-                 model_kwargs: dict | None = None,
-                ) -> torch.Tensor:              # [B] bits per dimension
-    "One term of the bound: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for code t >= 1, -log p(x_0|x_1) at t = 0, Eq. (eq-elbo-decomp)."
+def vb_terms_bpd(
+    model: Callable,  # model(x_t, t, **model_kwargs), as for p_mean_variance
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data ([-1, 1] for the discretized decoder)
+    xt: torch.Tensor,  # [B, ...] a draw of x_t ~ q(x_t | x_0)
+    t: torch.Tensor,  # [B] integer steps in [0, T); code t = 0 is the decoder
+    *,
+    prediction: str = "eps",  # one of PREDICTIONS
+    variance: str = "fixed_small",  # one of VARIANCES
+    clip_denoised: bool = False,  # clip x̂_0 to [-1, 1] in the model's mean
+    decoder: str = "discretized",  # one of DECODERS: 8-bit data, or a continuous density
+    model_kwargs: dict | None = None,
+) -> torch.Tensor:  # [B] bits per dimension
+    "One term of the bound: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for code t >= 1, -log "
+    "p(x_0|x_1) at t = 0, Eq. (eq-elbo-decomp)."
     check_choice(decoder, DECODERS, "decoder")
     true_mean, _, true_log_var = q_posterior_mean_variance(schedule, x0, xt, t)
-    p = p_mean_variance(model, schedule, xt, t, prediction=prediction, variance=variance,
-                        clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+    p = p_mean_variance(
+        model,
+        schedule,
+        xt,
+        t,
+        prediction=prediction,
+        variance=variance,
+        clip_denoised=clip_denoised,
+        model_kwargs=model_kwargs,
+    )
     per_dim = lambda z: z.reshape(len(x0), -1).mean(1) / math.log(2)
     kl = per_dim(normal_kl(true_mean, true_log_var, p.mean, p.log_variance))
-    if not bool((t == 0).any()): return kl
-    if decoder == "discretized": nll = -discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)
-    else: nll = -_gaussian_log_likelihood(x0, p.mean, p.log_variance)
+    if not bool((t == 0).any()):
+        return kl
+    if decoder == "discretized":
+        nll = -discretized_gaussian_log_likelihood(x0, p.mean, 0.5 * p.log_variance)
+    else:
+        nll = -_gaussian_log_likelihood(x0, p.mean, p.log_variance)
     return torch.where(t.to(kl.device) == 0, per_dim(nll), kl)
 
 # %% ../nbs/07_elbo.ipynb #a6e2e2a6
 class ELBO(NamedTuple):
     "The terms of the bound, Eq. (eq-elbo-decomp), in bits per dimension."
-    total: torch.Tensor    # [B] prior + terms.sum(1): an upper bound on -log p(x_0) / (D ln 2)
-    prior: torch.Tensor    # [B] L_T
-    terms: torch.Tensor    # [B, T]: column 0 the decoder L_0, column t >= 1 the KL at code step t
+
+    total: (
+        torch.Tensor
+    )  # [B] prior + terms.sum(1): an upper bound on -log p(x_0) / (D ln 2)
+    prior: torch.Tensor  # [B] L_T
+    terms: (
+        torch.Tensor
+    )  # [B, T]: column 0 the decoder L_0, column t >= 1 the KL at code step t
     decoder: torch.Tensor  # [B] = terms[:, 0]
 
-def elbo_bpd(model: Callable,                # model(x_t, t, **model_kwargs)
-             schedule: NoiseSchedule,
-             x0: torch.Tensor,               # [B, ...] clean data
-             *,
-             prediction: str = "eps",        # one of PREDICTIONS
-             variance: str = "fixed_small",  # one of VARIANCES
-             clip_denoised: bool = False,
-             decoder: str = "discretized",   # one of DECODERS
-             batch_timesteps: int = 1,       # steps evaluated per model call (the batch is stacked this many times)
-             progress: bool = True,          # show a tqdm bar over the steps
-             model_kwargs: dict | None = None,  # tensors with B rows are repeated with the batch
-             generator: torch.Generator | None = None,  # for the noise draws
-            ) -> ELBO:
-    "The full bound L_T + Σ_t L_{t-1} + L_0 on -log p(x_0), one x_t draw per step, in bits/dim, Eq. (eq-elbo-decomp)."
+
+def elbo_bpd(
+    model: Callable,  # model(x_t, t, **model_kwargs)
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data
+    *,
+    prediction: str = "eps",  # one of PREDICTIONS
+    variance: str = "fixed_small",  # one of VARIANCES
+    clip_denoised: bool = False,
+    decoder: str = "discretized",  # one of DECODERS
+    batch_timesteps: int = 1,  # steps per model call (the batch stacked k times)
+    progress: bool = True,  # show a tqdm bar over the steps
+    model_kwargs: dict | None = None,  # tensors with B rows are repeated with the batch
+    generator: torch.Generator | None = None,  # for the noise draws
+) -> ELBO:
+    """The full bound L_T + Σ_t L_{t-1} + L_0 on -log p(x_0), one x_t draw per step, in bits/dim,
+    Eq. (eq-elbo-decomp)."""
     x0 = check_tensor(x0, "x0")
     check_choice(prediction, PREDICTIONS, "prediction")
     check_choice(variance, VARIANCES, "variance")
     check_choice(decoder, DECODERS, "decoder")
     k = check_int(batch_timesteps, "batch_timesteps", 1)
     B, T = len(x0), schedule.num_timesteps
-    rep = lambda v, n: v.repeat(n, *[1] * (v.ndim - 1)) if isinstance(v, torch.Tensor) and v.ndim and len(v) == B else v
+    rep = lambda v, n: (
+        v.repeat(n, *[1] * (v.ndim - 1))
+        if isinstance(v, torch.Tensor) and v.ndim and len(v) == B
+        else v
+    )
     terms = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
     with torch.no_grad():
-        for start in tqdm(range(0, T, k), desc="ELBO", unit=f"×{k} steps", disable=not progress):
+        for start in tqdm(
+            range(0, T, k), desc="ELBO", unit=f"×{k} steps", disable=not progress
+        ):
             ts = torch.arange(start, min(start + k, T), device=x0.device)
             xb, tb = rep(x0, len(ts)), ts.repeat_interleave(B)
             xt = q_sample(schedule, xb, tb, generator=generator)
             kw = {name: rep(v, len(ts)) for name, v in (model_kwargs or {}).items()}
-            terms[:, ts] = vb_terms_bpd(model, schedule, xb, xt, tb, prediction=prediction, variance=variance,
-                                        clip_denoised=clip_denoised, decoder=decoder, model_kwargs=kw).reshape(len(ts), B).T
+            terms[:, ts] = (
+                vb_terms_bpd(
+                    model,
+                    schedule,
+                    xb,
+                    xt,
+                    tb,
+                    prediction=prediction,
+                    variance=variance,
+                    clip_denoised=clip_denoised,
+                    decoder=decoder,
+                    model_kwargs=kw,
+                )
+                .reshape(len(ts), B)
+                .T
+            )
         prior = prior_bpd(schedule, x0)
     return ELBO(prior + terms.sum(1), prior, terms, terms[:, 0])
 
 # %% ../nbs/07_elbo.ipynb #451a4429
 WEIGHTINGS = (None, "min_snr")
 
+
 def _draw_t_noise(schedule, x0, t, noise, generator):
     "Validate t and noise, drawing t ~ U{0, …, T-1} and noise ~ N(0, I) where None."
     B = len(x0)
-    if t is None:                        # drawn here, valid by construction: no host sync
+    if t is None:  # drawn here, valid by construction: no host sync
         dev = generator.device if generator is not None else x0.device
         T = schedule.num_timesteps
         t = torch.randint(0, T, (B,), generator=generator, device=dev).to(x0.device)
-    else:                                # the caller's: validated once, at this entry point
+    else:  # the caller's: validated once, at this entry point
         schedule.check_t(t, B)
     return t, noise_like(noise, x0, generator)
 
+
 def _weighted_mse(schedule, x0, t, noise, out, prediction, weighting, gamma):
-    "Per-example MSE of out against its target, times the min-SNR weight, Eqs. (eq-elbo-simple), (eq-elbo-minsnr)."
-    target = noise if prediction == "eps" else x0 if prediction == "x0" else v_from_x0_eps(schedule, x0, t, noise)
+    """Per-example MSE of out against its target, times the min-SNR weight, Eqs. (eq-elbo-simple),
+    (eq-elbo-minsnr)."""
+    target = (
+        noise
+        if prediction == "eps"
+        else x0
+        if prediction == "x0"
+        else v_from_x0_eps(schedule, x0, t, noise)
+    )
     mse = ((out - target) ** 2).reshape(len(x0), -1).mean(1)
-    if weighting is None: return mse
+    if weighting is None:
+        return mse
     snr = schedule.gather("snr", t, mse)
-    w = (gamma / snr).clamp(max=1) if prediction == "eps" else snr.clamp(max=gamma) / (1 if prediction == "x0" else snr + 1)
+    w = (
+        (gamma / snr).clamp(max=1)
+        if prediction == "eps"
+        else snr.clamp(max=gamma) / (1 if prediction == "x0" else snr + 1)
+    )
     return w * mse
+
 
 def _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs):
     x0 = check_tensor(x0, "x0")
@@ -182,58 +279,87 @@ def _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs):
     check_choice(weighting, WEIGHTINGS, "weighting")
     check_number(min_snr_gamma, "min_snr_gamma", 0, lo_open=True)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
-        raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+        raise ValueError(
+            f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}"
+        )
     return x0
 
 # %% ../nbs/07_elbo.ipynb #4f6c65ae
-def simple_loss(model: Callable,                 # model(x_t, t, **model_kwargs) -> like x0
-                schedule: NoiseSchedule,
-                x0: torch.Tensor,                # [B, ...] clean data
-                *,
-                t: torch.Tensor | None = None,   # [B] steps in [0, T); drawn uniformly if None
-                noise: torch.Tensor | None = None,  # [B, ...] ε; drawn if None
-                prediction: str = "eps",         # the model's target: one of PREDICTIONS
-                weighting: str | None = None,    # None (plain MSE) or "min_snr"
-                min_snr_gamma: float = 5.0,      # γ of the min-SNR weighting, > 0
-                model_kwargs: dict | None = None,
-                generator: torch.Generator | None = None,  # for t and noise
-               ) -> torch.Tensor:                # [B] per-example loss
-    "L_simple: per-example MSE on the ε, x_0 or v target, optionally min-SNR-γ weighted, Eqs. (eq-elbo-simple), (eq-elbo-minsnr)."
+def simple_loss(
+    model: Callable,  # model(x_t, t, **model_kwargs) -> like x0
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data
+    *,
+    t: torch.Tensor | None = None,  # [B] steps in [0, T); drawn uniformly if None
+    noise: torch.Tensor | None = None,  # [B, ...] ε; drawn if None
+    prediction: str = "eps",  # the model's target: one of PREDICTIONS
+    weighting: str | None = None,  # None (plain MSE) or "min_snr"
+    min_snr_gamma: float = 5.0,  # γ of the min-SNR weighting, > 0
+    model_kwargs: dict | None = None,
+    generator: torch.Generator | None = None,  # for t and noise
+) -> torch.Tensor:  # [B] per-example loss
+    "L_simple: per-example MSE on the ε, x_0 or v target, optionally min-SNR-γ weighted, Eqs. "
+    "(eq-elbo-simple), (eq-elbo-minsnr)."
     x0 = _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs)
     t, noise = _draw_t_noise(schedule, x0, t, noise, generator)
     out = model(q_sample(schedule, x0, t, noise), t, **(model_kwargs or {}))
     if not isinstance(out, torch.Tensor) or out.shape != x0.shape:
-        raise ValueError(f"model output must have the shape of x0 {tuple(x0.shape)}, got {tuple(getattr(out, 'shape', ())) or type(out).__name__}"
-                         " (a model with learned variance is trained with hybrid_loss)")
-    return _weighted_mse(schedule, x0, t, noise, out, prediction, weighting, min_snr_gamma)
+        raise ValueError(
+            f"model output must have the shape of x0 {tuple(x0.shape)}, got "
+            f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}"
+            " (a model with learned variance is trained with hybrid_loss)"
+        )
+    return _weighted_mse(
+        schedule, x0, t, noise, out, prediction, weighting, min_snr_gamma
+    )
 
 # %% ../nbs/07_elbo.ipynb #3944dc16
-def hybrid_loss(model: Callable,                 # model(x_t, t, **model_kwargs) -> [B, 2C, ...]: prediction, then ν
-                schedule: NoiseSchedule,
-                x0: torch.Tensor,                # [B, C, ...] clean data ([-1, 1] for the discretized decoder)
-                *,
-                t: torch.Tensor | None = None,   # [B] steps in [0, T); drawn uniformly if None
-                noise: torch.Tensor | None = None,  # [B, C, ...] ε; drawn if None
-                prediction: str = "eps",         # one of PREDICTIONS
-                lambda_vlb: float = 1e-3,        # λ, the weight of the bound
-                decoder: str = "discretized",    # one of DECODERS, for the t = 0 term
-                weighting: str | None = None,    # of the MSE part, as in simple_loss
-                min_snr_gamma: float = 5.0,
-                model_kwargs: dict | None = None,
-                generator: torch.Generator | None = None,
-               ) -> torch.Tensor:                # [B] per-example loss
-    "L_hybrid = L_simple + λ T L_t with a stop-gradient on the mean in L_t, for learned_range models, Eq. (eq-elbo-hybrid)."
+def hybrid_loss(
+    model: Callable,  # model(x_t, t, **model_kwargs) -> [B, 2C, ...]: prediction, then ν
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, C, ...] clean data ([-1, 1] for the discretized decoder)
+    *,
+    t: torch.Tensor | None = None,  # [B] steps in [0, T); drawn uniformly if None
+    noise: torch.Tensor | None = None,  # [B, C, ...] ε; drawn if None
+    prediction: str = "eps",  # one of PREDICTIONS
+    lambda_vlb: float = 1e-3,  # λ, the weight of the bound
+    decoder: str = "discretized",  # one of DECODERS, for the t = 0 term
+    weighting: str | None = None,  # of the MSE part, as in simple_loss
+    min_snr_gamma: float = 5.0,
+    model_kwargs: dict | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # [B] per-example loss
+    "L_hybrid = L_simple + λ T L_t with a stop-gradient on the mean in L_t, for learned_range "
+    "models, Eq. (eq-elbo-hybrid)."
     x0 = _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs)
     check_choice(decoder, DECODERS, "decoder")
-    if x0.ndim < 2: raise ValueError(f"x0 must have a channel dimension [B, C, ...] for a learned variance, got {tuple(x0.shape)}")
+    if x0.ndim < 2:
+        raise ValueError(
+            "x0 must have a channel dimension [B, C, ...] for a learned variance, got "
+            f"{tuple(x0.shape)}"
+        )
     t, noise = _draw_t_noise(schedule, x0, t, noise, generator)
     xt = q_sample(schedule, x0, t, noise)
     out = model(xt, t, **(model_kwargs or {}))
     want = (x0.shape[0], 2 * x0.shape[1], *x0.shape[2:])
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-        raise ValueError(f"model output must have shape {want} (prediction and ν channels), got {tuple(getattr(out, 'shape', ())) or type(out).__name__}")
+        raise ValueError(
+            f"model output must have shape {want} (prediction and ν channels), got "
+            f"{tuple(getattr(out, 'shape', ())) or type(out).__name__}"
+        )
     pred, nu = out.chunk(2, dim=1)
-    mse = _weighted_mse(schedule, x0, t, noise, pred, prediction, weighting, min_snr_gamma)
+    mse = _weighted_mse(
+        schedule, x0, t, noise, pred, prediction, weighting, min_snr_gamma
+    )
     frozen = torch.cat([pred.detach(), nu], dim=1)
-    vlb = vb_terms_bpd(lambda *a, **k: frozen, schedule, x0, xt, t, prediction=prediction, variance="learned_range", decoder=decoder)
+    vlb = vb_terms_bpd(
+        lambda *a, **k: frozen,
+        schedule,
+        x0,
+        xt,
+        t,
+        prediction=prediction,
+        variance="learned_range",
+        decoder=decoder,
+    )
     return mse + lambda_vlb * schedule.num_timesteps * vlb

@@ -12,14 +12,16 @@ from .schedules import NoiseSchedule
 __all__ = ['q_sample', 'q_mean_variance', 'q_step']
 
 # %% ../nbs/03_forward.ipynb #3fefa9fd
-def q_sample(schedule: NoiseSchedule,
-             x0: torch.Tensor,                   # [B, ...] clean data, e.g. images in [-1, 1]
-             t: torch.Tensor,                    # [B] integer steps in [0, T): code t is paper t+1
-             noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
-             *,
-             generator: torch.Generator | None = None,  # source of the noise when it is drawn
-            ) -> torch.Tensor:                   # [B, ...] x_t, dtype and device of x0
-    "x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot: Ho et al. 2020, Eq. 4; (eq-forward-marginal)."
+def q_sample(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data, e.g. images in [-1, 1]
+    t: torch.Tensor,  # [B] integer steps in [0, T): code t is paper t+1
+    noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
+    *,
+    generator: torch.Generator | None = None,  # source of the noise when it is drawn
+) -> torch.Tensor:  # [B, ...] x_t, dtype and device of x0
+    "x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot: Ho et al. 2020, Eq. 4; "
+    "(eq-forward-marginal)."
     x0 = check_tensor(x0, "x0")
     noise = noise_like(noise, x0, generator)
     a = schedule.gather("sqrt_alphas_cumprod", t, x0)
@@ -27,24 +29,27 @@ def q_sample(schedule: NoiseSchedule,
     return a * x0 + s * noise
 
 
-def q_mean_variance(schedule: NoiseSchedule,
-                    x0: torch.Tensor,  # [B, ...] clean data
-                    t: torch.Tensor,   # [B] integer steps in [0, T)
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean; var, log-var
-    "Mean [B, ...], variance and log-variance [B, 1, ..., 1] of q(x_t | x_0): Ho et al. 2020, Eq. 4."
+def q_mean_variance(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean; var, log-var
+    "Mean [B, ...], variance and log-variance [B, 1, ..., 1] of q(x_t | x_0): Ho et al. 2020, Eq. "
+    "4."
     x0 = check_tensor(x0, "x0")
     mean = schedule.gather("sqrt_alphas_cumprod", t, x0) * x0
     var = schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) ** 2
     return mean, var, schedule.gather("log_one_minus_alphas_cumprod", t, x0)
 
 
-def q_step(schedule: NoiseSchedule,
-           x_prev: torch.Tensor,               # [B, ...] the state before step t (x_0 for t = 0)
-           t: torch.Tensor,                    # [B] integer steps in [0, T)
-           noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
-           *,
-           generator: torch.Generator | None = None,  # source of the noise when it is drawn
-          ) -> torch.Tensor:                   # [B, ...] the state after step t
+def q_step(
+    schedule: NoiseSchedule,
+    x_prev: torch.Tensor,  # [B, ...] the state before step t (x_0 for t = 0)
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    noise: torch.Tensor | None = None,  # [B, ...] standard normal noise; drawn if None
+    *,
+    generator: torch.Generator | None = None,  # source of the noise when it is drawn
+) -> torch.Tensor:  # [B, ...] the state after step t
     "One forward step x_t = √α_t x_{t-1} + √β_t ε: Ho et al. 2020, Eq. 2; (eq-q-step)."
     x_prev = check_tensor(x_prev, "x_prev")
     noise = noise_like(noise, x_prev, generator)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_int, check_number, patch
+from .core import check_int, patch
 
 # %% auto #0
 __all__ = ['UNET_CONFIGS', 'timestep_embedding', 'MLPDenoiser', 'ResBlock', 'AttentionBlock', 'UNet', 'make_unet',
@@ -17,26 +17,44 @@ __all__ = ['UNET_CONFIGS', 'timestep_embedding', 'MLPDenoiser', 'ResBlock', 'Att
 
 # %% ../nbs/10_nets.ipynb #9a5330b5
 def _describe(v):
-    return f"{v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+    return (
+        f"{v.dtype} tensor of shape {tuple(v.shape)}"
+        if isinstance(v, torch.Tensor)
+        else type(v).__name__
+    )
+
 
 def _check_t(t, batch):
-    if not isinstance(t, torch.Tensor) or t.dtype == torch.bool or t.is_complex() or t.ndim != 1 or (batch is not None and len(t) != batch):
-        raise ValueError("t must be a real tensor of timesteps with shape [B]" + (f" and B={batch}" if batch is not None else "")
-                         + f", got {_describe(t)}")
+    if (
+        not isinstance(t, torch.Tensor)
+        or t.dtype == torch.bool
+        or t.is_complex()
+        or t.ndim != 1
+        or (batch is not None and len(t) != batch)
+    ):
+        raise ValueError(
+            "t must be a real tensor of timesteps with shape [B]"
+            + (f" and B={batch}" if batch is not None else "")
+            + f", got {_describe(t)}"
+        )
     return t
 
-
-
 # %% ../nbs/10_nets.ipynb #0347fbf9
-def timestep_embedding(t: torch.Tensor,            # [B] timesteps, integer or float (code t = 0 … T-1)
-                       dim: int,                   # embedding width d >= 2; an odd d gets a zero last column
-                       max_period: float = 10000,  # P: the slowest frequency is P^(-(h-1)/h) ≈ 1/P
-                      ) -> torch.Tensor:           # [B, dim] float32 on t's device
+def timestep_embedding(
+    t: torch.Tensor,  # [B] timesteps, integer or float (code t = 0 … T-1)
+    dim: int,  # embedding width d >= 2; an odd d gets a zero last column
+    max_period: float = 10000,  # P: the slowest frequency is P^(-(h-1)/h) ≈ 1/P
+) -> torch.Tensor:  # [B, dim] float32 on t's device
     "Sinusoidal embedding [cos(ω_i t), sin(ω_i t)], ω_i = P^(-i/h), Eq. (eq-nets-embedding)."
     t, dim = _check_t(t, None), check_int(dim, "dim", 2)
-    if not (isinstance(max_period, (int, float)) and max_period > 1): raise ValueError(f"max_period must be a number > 1, got {max_period!r}")
+    if not (isinstance(max_period, (int, float)) and max_period > 1):
+        raise ValueError(f"max_period must be a number > 1, got {max_period!r}")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / half
+    )
     args = t.to(torch.float32)[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -45,14 +63,20 @@ def timestep_embedding(t: torch.Tensor,            # [B] timesteps, integer or f
 def _check_y(y, num_classes, batch, device):
     "Validate the labels' dtype and shape; y=None means 'all null' (index num_classes)."
     if num_classes is None:
-        if y is not None: raise ValueError(f"y must be None for a model built with num_classes=None, got {_describe(y)}")
+        if y is not None:
+            raise ValueError(
+                f"y must be None for a model built with num_classes=None, got {_describe(y)}"
+            )
         return None
-    if y is None: return torch.full((batch,), num_classes, dtype=torch.long, device=device)
+    if y is None:
+        return torch.full((batch,), num_classes, dtype=torch.long, device=device)
     ok = isinstance(y, torch.Tensor) and y.dtype in (torch.int64, torch.int32)
     if not ok or y.shape != (batch,):
-        raise ValueError(f"y must be an integer tensor [B] with B={batch} and values in "
-                         f"[0, {num_classes}] ({num_classes} = the null class, unconditional), "
-                         f"got {_describe(y)}")
+        raise ValueError(
+            f"y must be an integer tensor [B] with B={batch} and values in "
+            f"[0, {num_classes}] ({num_classes} = the null class, unconditional), "
+            f"got {_describe(y)}"
+        )
     return y.to(device)
 
 
@@ -60,63 +84,114 @@ def _embed_labels(emb: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
     "emb(y); the values of y are checked by the lookup itself (no host sync on the hot path)."
     try:
         return emb(y)
-    except IndexError:                       # raised on the CPU for a label out of range
+    except IndexError:  # raised on the CPU for a label out of range
         lo, hi = int(y.min()), int(y.max())
-        raise ValueError(f"y must have values in [0, {emb.num_embeddings - 1}] "
-                         f"({emb.num_embeddings - 1} = the null class), got [{lo}, {hi}]") from None
+        raise ValueError(
+            f"y must have values in [0, {emb.num_embeddings - 1}] "
+            f"({emb.num_embeddings - 1} = the null class), got [{lo}, {hi}]"
+        ) from None
 
 # %% ../nbs/10_nets.ipynb #7d3bbb9a
 class MLPDenoiser(nn.Module):
-    "Residual MLP ε-predictor for vectors, Eq. (eq-nets-mlp-block): x [B, D], t [B], y [B] -> [B, D] or [B, 2D]."
-    def __init__(self,
-                 dim: int,                        # D, the data dimension (2 for the toys, the length of a 1-D signal)
-                 hidden: int = 128,               # width of every hidden layer
-                 depth: int = 3,                  # number of residual blocks, >= 0
-                 time_dim: int = 64,              # width d of the sinusoidal timestep embedding
-                 num_classes: int | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
-                 learn_sigma: bool = False,       # also output D variance numbers: [B, 2D]
-                ):
-        super().__init__()
-        self.dim, self.time_dim = check_int(dim, "dim", 1), check_int(time_dim, "time_dim", 2)
-        hidden, depth = check_int(hidden, "hidden", 1), check_int(depth, "depth", 0)
-        self.num_classes = None if num_classes is None else check_int(num_classes, "num_classes", 1)
-        self.time_mlp = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
-        self.label_emb = None if num_classes is None else nn.Embedding(num_classes + 1, hidden)
-        self.inp = nn.Linear(dim, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                                  nn.Linear(hidden, hidden)) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim * (2 if learn_sigma else 1)))
-        nn.init.zeros_(self.out[-1].weight); nn.init.zeros_(self.out[-1].bias)
+    """Residual MLP ε-predictor for vectors, Eq. (eq-nets-mlp-block): x [B, D], t [B], y [B] -> [B,
+    D] or [B, 2D]."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"x must be a floating-point tensor [B, {self.dim}] (dim={self.dim}), got {_describe(x)}")
+    def __init__(
+        self,
+        dim: int,  # D, the data dimension (2 for the toys, the length of a 1-D signal)
+        hidden: int = 128,  # width of every hidden layer
+        depth: int = 3,  # number of residual blocks, >= 0
+        time_dim: int = 64,  # width d of the sinusoidal timestep embedding
+        num_classes: int
+        | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
+        learn_sigma: bool = False,  # also output D variance numbers: [B, 2D]
+    ):
+        super().__init__()
+        self.dim, self.time_dim = (
+            check_int(dim, "dim", 1),
+            check_int(time_dim, "time_dim", 2),
+        )
+        hidden, depth = check_int(hidden, "hidden", 1), check_int(depth, "depth", 0)
+        self.num_classes = (
+            None if num_classes is None else check_int(num_classes, "num_classes", 1)
+        )
+        self.time_mlp = nn.Sequential(
+            nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden)
+        )
+        self.label_emb = (
+            None if num_classes is None else nn.Embedding(num_classes + 1, hidden)
+        )
+        self.inp = nn.Linear(dim, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(
+                nn.LayerNorm(hidden),
+                nn.SiLU(),
+                nn.Linear(hidden, hidden),
+                nn.SiLU(),
+                nn.Linear(hidden, hidden),
+            )
+            for _ in range(depth)
+        )
+        self.out = nn.Sequential(
+            nn.LayerNorm(hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, dim * (2 if learn_sigma else 1)),
+        )
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or x.ndim != 2
+            or x.shape[1] != self.dim
+        ):
+            raise ValueError(
+                f"x must be a floating-point tensor [B, {self.dim}] (dim={self.dim}), got "
+                f"{_describe(x)}"
+            )
         c = self.time_mlp(timestep_embedding(_check_t(t, len(x)), self.time_dim).to(x))
         y = _check_y(y, self.num_classes, len(x), x.device)
-        if y is not None: c = c + _embed_labels(self.label_emb, y)
+        if y is not None:
+            c = c + _embed_labels(self.label_emb, y)
         h = self.inp(x)
-        for block in self.blocks: h = h + block(h + c)
+        for block in self.blocks:
+            h = h + block(h + c)
         return self.out(h)
 
 # %% ../nbs/10_nets.ipynb #0a2adb59
 class ResBlock(nn.Module):
     "Residual block with timestep conditioning, scale-shift or additive, Eq. (eq-nets-resblock)."
-    def __init__(self,
-                 in_ch: int,               # input channels
-                 out_ch: int,              # output channels (a 1×1 conv matches the skip when they differ)
-                 emb_dim: int,             # width of the conditioning vector c
-                 dropout: float = 0.0,     # dropout before the second convolution
-                 num_groups: int = 8,      # GroupNorm groups; must divide in_ch and out_ch
-                 scale_shift: bool = True, # True: G(h)(1+s)+b (improved DDPM); False: G(h + Wc) (DDPM)
-                ):
+
+    def __init__(
+        self,
+        in_ch: int,  # input channels
+        out_ch: int,  # output channels (a 1×1 conv matches the skip when they differ)
+        emb_dim: int,  # width of the conditioning vector c
+        dropout: float = 0.0,  # dropout before the second convolution
+        num_groups: int = 8,  # GroupNorm groups; must divide in_ch and out_ch
+        scale_shift: bool = True,  # True: G(h)(1+s)+b (improved DDPM); False: G(h + Wc) (DDPM)
+    ):
         super().__init__()
         self.scale_shift = scale_shift
-        self.norm1, self.conv1 = nn.GroupNorm(num_groups, in_ch), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1, self.conv1 = (
+            nn.GroupNorm(num_groups, in_ch),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1),
+        )
         self.emb = nn.Linear(emb_dim, out_ch * (2 if scale_shift else 1))
-        self.norm2, self.drop, self.conv2 = nn.GroupNorm(num_groups, out_ch), nn.Dropout(dropout), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.norm2, self.drop, self.conv2 = (
+            nn.GroupNorm(num_groups, out_ch),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # x [B, in_ch, H, W], emb [B, emb_dim]
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor
+    ) -> torch.Tensor:  # x [B, in_ch, H, W], emb [B, emb_dim]
         h = self.conv1(F.silu(self.norm1(x)))
         e = self.emb(F.silu(emb))[:, :, None, None]
         if self.scale_shift:
@@ -126,153 +201,303 @@ class ResBlock(nn.Module):
             h = self.norm2(h + e)
         return self.skip(x) + self.conv2(self.drop(F.silu(h)))
 
+
 class AttentionBlock(nn.Module):
     "Multi-head self-attention over the H·W positions, plus the input, Eq. (eq-nets-attention)."
-    def __init__(self,
-                 ch: int,              # channels; must be divisible by num_heads and num_groups
-                 num_heads: int = 4,   # heads, each of width ch / num_heads
-                 num_groups: int = 8,  # GroupNorm groups
-                ):
+
+    def __init__(
+        self,
+        ch: int,  # channels; must be divisible by num_heads and num_groups
+        num_heads: int = 4,  # heads, each of width ch / num_heads
+        num_groups: int = 8,  # GroupNorm groups
+    ):
         super().__init__()
         self.num_heads = num_heads
-        self.norm, self.qkv, self.proj = nn.GroupNorm(num_groups, ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        self.norm, self.qkv, self.proj = (
+            nn.GroupNorm(num_groups, ch),
+            nn.Conv2d(ch, 3 * ch, 1),
+            nn.Conv2d(ch, ch, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, ch, H, W] -> same
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)                     # each [B, heads, HW, C/heads]
-        h = F.scaled_dot_product_attention(q, k, v)                   # softmax(QKᵀ/√d_h) V
+        qkv = self.qkv(self.norm(x)).reshape(
+            B, 3, self.num_heads, C // self.num_heads, H * W
+        )
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each [B, heads, HW, C/heads]
+        h = F.scaled_dot_product_attention(q, k, v)  # softmax(QKᵀ/√d_h) V
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 # %% ../nbs/10_nets.ipynb #59095c2e
-def _check_unet_args(in_channels, out_channels, base_channels, channel_mults, num_res_blocks, attention_levels,
-                     dropout, num_classes, num_groups, num_heads):
-    check_int(in_channels, "in_channels", 1); check_int(base_channels, "base_channels", 1)
-    check_int(num_res_blocks, "num_res_blocks", 1); check_int(num_groups, "num_groups", 1); check_int(num_heads, "num_heads", 1)
-    if out_channels is not None: check_int(out_channels, "out_channels", 1)
-    if num_classes is not None: check_int(num_classes, "num_classes", 1)
-    if not isinstance(channel_mults, (tuple, list)) or not channel_mults or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in channel_mults):
-        raise ValueError(f"channel_mults must be a non-empty tuple of integers >= 1, got {channel_mults!r}")
+def _check_unet_args(
+    in_channels,
+    out_channels,
+    base_channels,
+    channel_mults,
+    num_res_blocks,
+    attention_levels,
+    dropout,
+    num_classes,
+    num_groups,
+    num_heads,
+):
+    check_int(in_channels, "in_channels", 1)
+    check_int(base_channels, "base_channels", 1)
+    check_int(num_res_blocks, "num_res_blocks", 1)
+    check_int(num_groups, "num_groups", 1)
+    check_int(num_heads, "num_heads", 1)
+    if out_channels is not None:
+        check_int(out_channels, "out_channels", 1)
+    if num_classes is not None:
+        check_int(num_classes, "num_classes", 1)
+    if (
+        not isinstance(channel_mults, (tuple, list))
+        or not channel_mults
+        or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1
+            for m in channel_mults
+        )
+    ):
+        raise ValueError(
+            f"channel_mults must be a non-empty tuple of integers >= 1, got {channel_mults!r}"
+        )
     L = len(channel_mults)
     attn = (L - 1,) if attention_levels is None else attention_levels
     if not isinstance(attn, (tuple, list)) or any(a not in range(L) for a in attn):
-        raise ValueError(f"attention_levels must be a tuple of levels in [0, {L - 1}] (0 = full resolution), got {attention_levels!r}")
-    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1): raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ValueError(
+            f"attention_levels must be a tuple of levels in [0, {L - 1}] (0 = full resolution), "
+            f"got {attention_levels!r}"
+        )
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     for w in [base_channels] + [m * base_channels for m in channel_mults]:
-        if w % num_groups: raise ValueError(f"num_groups={num_groups} must divide every level's width, got width {w} (base_channels × channel_mults)")
+        if w % num_groups:
+            raise ValueError(
+                f"num_groups={num_groups} must divide every level's width, got width {w} "
+                "(base_channels × channel_mults)"
+            )
     for level in set(attn) | {L - 1}:
         if channel_mults[level] * base_channels % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide the width {channel_mults[level] * base_channels} of attention level {level}")
+            raise ValueError(
+                f"num_heads={num_heads} must divide the width "
+                f"{channel_mults[level] * base_channels} of attention level {level}"
+            )
 
 # %% ../nbs/10_nets.ipynb #24b4cb1e
 def _run_layers(layers, h, emb):
-    for m in layers: h = m(h, emb) if isinstance(m, ResBlock) else m(h)
+    for m in layers:
+        h = m(h, emb) if isinstance(m, ResBlock) else m(h)
     return h
 
+
 class UNet(nn.Module):
-    "DDPM-style U-Net ε-predictor: x [B, C, H, W], t [B], y [B] -> [B, out_channels (×2 if learn_sigma), H, W]."
-    def __init__(self,
-                 in_channels: int = 1,                   # C of the images
-                 out_channels: int | None = None,        # channels of the prediction; None: in_channels
-                 base_channels: int = 32,                # width of the first level; the time embedding is 4x this
-                 channel_mults: tuple = (1, 2, 2),       # width multiplier per level; H, W divisible by 2^(len-1)
-                 num_res_blocks: int = 2,                # ResBlocks per level on the way down (one more on the way up)
-                 attention_levels: tuple | None = None,  # levels (0 = full resolution) with attention; None: the lowest only
-                 dropout: float = 0.0,                   # dropout inside every ResBlock
-                 num_classes: int | None = None,         # K: labels 0 … K-1, and K (or y=None) = unconditional
-                 learn_sigma: bool = False,              # double the output channels: ε and the variance numbers
-                 num_groups: int = 8,                    # GroupNorm groups; must divide every level's width
-                 num_heads: int = 4,                     # attention heads; must divide the width where attention is
-                 scale_shift: bool = True,               # ResBlock conditioning: scale-shift (True) or additive (DDPM)
-                ):
+    """DDPM-style U-Net ε-predictor: x [B, C, H, W], t [B], y [B] -> [B, out_channels (×2 if
+    learn_sigma), H, W]."""
+
+    def __init__(
+        self,
+        in_channels: int = 1,  # C of the images
+        out_channels: int
+        | None = None,  # channels of the prediction; None: in_channels
+        base_channels: int = 32,  # width of the first level; the time embedding is 4x this
+        channel_mults: tuple = (
+            1,
+            2,
+            2,
+        ),  # width multiplier per level; H, W divisible by 2^(len-1)
+        num_res_blocks: int = 2,  # ResBlocks per level on the way down (one more on the way up)
+        attention_levels: tuple
+        | None = None,  # levels (0 = full resolution) with attention; None: the lowest only
+        dropout: float = 0.0,  # dropout inside every ResBlock
+        num_classes: int
+        | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
+        learn_sigma: bool = False,  # double the output channels: ε and the variance numbers
+        num_groups: int = 8,  # GroupNorm groups; must divide every level's width
+        num_heads: int = 4,  # attention heads; must divide the width where attention is
+        scale_shift: bool = True,  # ResBlock conditioning: scale-shift (True) or additive (DDPM)
+    ):
         super().__init__()
-        _check_unet_args(in_channels, out_channels, base_channels, channel_mults, num_res_blocks, attention_levels,
-                         dropout, num_classes, num_groups, num_heads)
+        _check_unet_args(
+            in_channels,
+            out_channels,
+            base_channels,
+            channel_mults,
+            num_res_blocks,
+            attention_levels,
+            dropout,
+            num_classes,
+            num_groups,
+            num_heads,
+        )
         L, mults = len(channel_mults), [m * base_channels for m in channel_mults]
         attn_at = (L - 1,) if attention_levels is None else tuple(attention_levels)
-        self.in_channels, self.base_channels, self.num_classes, self.factor = in_channels, base_channels, num_classes, 2 ** (L - 1)
+        self.in_channels, self.base_channels, self.num_classes, self.factor = (
+            in_channels,
+            base_channels,
+            num_classes,
+            2 ** (L - 1),
+        )
         self.out_channels = (out_channels or in_channels) * (2 if learn_sigma else 1)
         emb_dim = 4 * base_channels
-        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.label_emb = None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_emb = (
+            None if num_classes is None else nn.Embedding(num_classes + 1, emb_dim)
+        )
         res = lambda i, o: ResBlock(i, o, emb_dim, dropout, num_groups, scale_shift)
-        attn = lambda c, level: [AttentionBlock(c, num_heads, num_groups)] if level in attn_at else []
+        attn = lambda c, level: (
+            [AttentionBlock(c, num_heads, num_groups)] if level in attn_at else []
+        )
         ch, skips = base_channels, [base_channels]
-        self.conv_in, self.down, self.up = nn.Conv2d(in_channels, ch, 3, padding=1), nn.ModuleList(), nn.ModuleList()
+        self.conv_in, self.down, self.up = (
+            nn.Conv2d(in_channels, ch, 3, padding=1),
+            nn.ModuleList(),
+            nn.ModuleList(),
+        )
         for level, w in enumerate(mults):
             for _ in range(num_res_blocks):
-                self.down.append(nn.ModuleList([res(ch, w)] + attn(w, level))); ch = w; skips.append(ch)
-            if level < L - 1: self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)])); skips.append(ch)
-        self.mid = nn.ModuleList([res(ch, ch), AttentionBlock(ch, num_heads, num_groups), res(ch, ch)])
+                self.down.append(nn.ModuleList([res(ch, w)] + attn(w, level)))
+                ch = w
+                skips.append(ch)
+            if level < L - 1:
+                self.down.append(
+                    nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)])
+                )
+                skips.append(ch)
+        self.mid = nn.ModuleList(
+            [res(ch, ch), AttentionBlock(ch, num_heads, num_groups), res(ch, ch)]
+        )
         for level, w in reversed(list(enumerate(mults))):
             for i in range(num_res_blocks + 1):
-                layers = [res(ch + skips.pop(), w)] + attn(w, level); ch = w
-                if level > 0 and i == num_res_blocks: layers.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1)))
+                layers = [res(ch + skips.pop(), w)] + attn(w, level)
+                ch = w
+                if level > 0 and i == num_res_blocks:
+                    layers.append(
+                        nn.Sequential(
+                            nn.Upsample(scale_factor=2, mode="nearest"),
+                            nn.Conv2d(ch, ch, 3, padding=1),
+                        )
+                    )
                 self.up.append(nn.ModuleList(layers))
-        self.out = nn.Sequential(nn.GroupNorm(num_groups, ch), nn.SiLU(), nn.Conv2d(ch, self.out_channels, 3, padding=1))
-        nn.init.zeros_(self.out[-1].weight); nn.init.zeros_(self.out[-1].bias)
+        self.out = nn.Sequential(
+            nn.GroupNorm(num_groups, ch),
+            nn.SiLU(),
+            nn.Conv2d(ch, self.out_channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
 
 # %% ../nbs/10_nets.ipynb #ff84956c
 @patch
-def forward(self: UNet,
-            x: torch.Tensor,                 # [B, in_channels, H, W]; H and W divisible by 2^(len(channel_mults)-1)
-            t: torch.Tensor,                 # [B] timesteps (code index 0 … T-1; floats allowed)
-            y: torch.Tensor | None = None,   # [B] labels in [0, num_classes]; num_classes or None = unconditional
-           ) -> torch.Tensor:                # [B, out_channels, H, W], x's dtype (or the autocast dtype)
-    "Predict ε (and the variance numbers when learn_sigma) with the U-Net, Eqs. (eq-nets-resblock), (eq-nets-attention)."
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1] != self.in_channels:
-        raise ValueError(f"x must be a floating-point tensor [B, {self.in_channels}, H, W] (in_channels={self.in_channels}), got {_describe(x)}")
+def forward(
+    self: UNet,
+    x: torch.Tensor,  # [B, in_channels, H, W]; H and W divisible by 2^(len(channel_mults)-1)
+    t: torch.Tensor,  # [B] timesteps (code index 0 … T-1; floats allowed)
+    y: torch.Tensor
+    | None = None,  # [B] labels in [0, num_classes]; num_classes or None = unconditional
+) -> torch.Tensor:  # [B, out_channels, H, W], x's dtype (or the autocast dtype)
+    "Predict ε (and the variance numbers when learn_sigma) with the U-Net, Eqs. "
+    "(eq-nets-resblock), (eq-nets-attention)."
+    if (
+        not isinstance(x, torch.Tensor)
+        or not x.is_floating_point()
+        or x.ndim != 4
+        or x.shape[1] != self.in_channels
+    ):
+        raise ValueError(
+            f"x must be a floating-point tensor [B, {self.in_channels}, H, W] "
+            f"(in_channels={self.in_channels}), got {_describe(x)}"
+        )
     if x.shape[-2] % self.factor or x.shape[-1] % self.factor:
-        raise ValueError(f"image size {tuple(x.shape[-2:])} must be divisible by 2^(len(channel_mults)-1) = {self.factor}; "
-                         "pad the images or use fewer channel_mults")
-    emb = self.time_mlp(timestep_embedding(_check_t(t, len(x)), self.base_channels).to(x))
+        raise ValueError(
+            f"image size {tuple(x.shape[-2:])} must be divisible by 2^(len(channel_mults)-1) = "
+            f"{self.factor}; "
+            "pad the images or use fewer channel_mults"
+        )
+    emb = self.time_mlp(
+        timestep_embedding(_check_t(t, len(x)), self.base_channels).to(x)
+    )
     y = _check_y(y, self.num_classes, len(x), x.device)
-    if y is not None: emb = emb + _embed_labels(self.label_emb, y)
+    if y is not None:
+        emb = emb + _embed_labels(self.label_emb, y)
     hs = [self.conv_in(x)]
-    for layers in self.down: hs.append(_run_layers(layers, hs[-1], emb))
+    for layers in self.down:
+        hs.append(_run_layers(layers, hs[-1], emb))
     h = _run_layers(self.mid, hs[-1], emb)
-    for layers in self.up: h = _run_layers(layers, torch.cat([h, hs.pop()], dim=1), emb)
+    for layers in self.up:
+        h = _run_layers(layers, torch.cat([h, hs.pop()], dim=1), emb)
     return self.out(h)
 
 # %% ../nbs/10_nets.ipynb #1376f9e9
 UNET_CONFIGS = {
-    "digits": dict(in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1),        # 8×8 (8 -> 4 -> 2)
-    "mnist": dict(in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2),         # 28×28 (28 -> 14 -> 7)
-    "cifar": dict(in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,       # 32×32, DDPM's CIFAR-10 net
-                  attention_levels=(1,), dropout=0.1, num_groups=32, num_heads=1, scale_shift=False),
+    "digits": dict(
+        in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1
+    ),  # 8×8 (8 -> 4 -> 2)
+    "mnist": dict(
+        in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2
+    ),  # 28×28 (28 -> 14 -> 7)
+    "cifar": dict(
+        in_channels=3,
+        base_channels=128,
+        channel_mults=(1, 2, 2, 2),
+        num_res_blocks=2,  # 32×32, DDPM's CIFAR-10 net
+        attention_levels=(1,),
+        dropout=0.1,
+        num_groups=32,
+        num_heads=1,
+        scale_shift=False,
+    ),
 }
 
-def make_unet(name: str,     # a key of UNET_CONFIGS
-              **overrides,   # any UNet argument, replacing the configuration's value
-             ) -> UNet:
+
+def make_unet(
+    name: str,  # a key of UNET_CONFIGS
+    **overrides,  # any UNet argument, replacing the configuration's value
+) -> UNet:
     "Build the U-Net of a named configuration (see `UNET_CONFIGS`)."
-    if name not in UNET_CONFIGS: raise ValueError(f"name must be one of {tuple(UNET_CONFIGS)}, got {name!r}")
+    if name not in UNET_CONFIGS:
+        raise ValueError(f"name must be one of {tuple(UNET_CONFIGS)}, got {name!r}")
     return UNet(**{**UNET_CONFIGS[name], **overrides})
 
-def count_parameters(model: nn.Module,           # any torch module
-                     trainable_only: bool = True, # count only parameters with requires_grad
-                    ) -> int:
+
+def count_parameters(
+    model: nn.Module,  # any torch module
+    trainable_only: bool = True,  # count only parameters with requires_grad
+) -> int:
     "Number of (trainable) parameters of a model."
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    return sum(
+        p.numel() for p in model.parameters() if p.requires_grad or not trainable_only
+    )
 
 # %% ../nbs/10_nets.ipynb #c9d78b65
-def build_model(name: str,                       # "auto", "mlp" or a key of UNET_CONFIGS
-                data_shape: tuple,               # one example: (D,) for vectors, (C, H, W) for images
-                num_classes: int | None = None,  # K classes (the model adds the null class K)
-                *,
-                learn_sigma: bool = False,       # also output the variance numbers (hybrid loss)
-                **model_kwargs,                  # overrides for the network's constructor
-               ) -> nn.Module:
-    "The network a name selects; 'auto': MLPDenoiser for vectors, U-Net 'digits' ≤ 16×16, else 'mnist'."
+def build_model(
+    name: str,  # "auto", "mlp" or a key of UNET_CONFIGS
+    data_shape: tuple,  # one example: (D,) for vectors, (C, H, W) for images
+    num_classes: int | None = None,  # K classes (the model adds the null class K)
+    *,
+    learn_sigma: bool = False,  # also output the variance numbers (hybrid loss)
+    **model_kwargs,  # overrides for the network's constructor
+) -> nn.Module:
+    """The network a name selects; 'auto': MLPDenoiser for vectors, U-Net 'digits' ≤ 16×16, else
+    'mnist'."""
     shape = tuple(data_shape)
     if name == "auto":
-        name = "mlp" if len(shape) == 1 else "digits" if max(shape[1:]) <= 16 else "mnist"
+        name = (
+            "mlp" if len(shape) == 1 else "digits" if max(shape[1:]) <= 16 else "mnist"
+        )
     if name == "mlp":
         if len(shape) != 1:
-            raise ValueError(f"model='mlp' needs vectors [N, D], got examples of shape {shape}")
-        return MLPDenoiser(shape[0], num_classes=num_classes, learn_sigma=learn_sigma, **model_kwargs)
+            raise ValueError(
+                f"model='mlp' needs vectors [N, D], got examples of shape {shape}"
+            )
+        return MLPDenoiser(
+            shape[0], num_classes=num_classes, learn_sigma=learn_sigma, **model_kwargs
+        )
     if len(shape) != 3:
-        raise ValueError(f"model={name!r} is a U-Net and needs images [N, C, H, W], "
-                         f"got examples of shape {shape}")
+        raise ValueError(
+            f"model={name!r} is a U-Net and needs images [N, C, H, W], "
+            f"got examples of shape {shape}"
+        )
     kw = {"in_channels": shape[0], **model_kwargs}
     return make_unet(name, **kw, num_classes=num_classes, learn_sigma=learn_sigma)

@@ -17,68 +17,131 @@ __all__ = ['GaussianMixtureOracle']
 
 # %% ../nbs/06_oracle.ipynb #183305c7
 class GaussianMixtureOracle:
-    "The exact denoiser of Gaussian-mixture data, usable as a model `model(x_t, t)`, Eqs. (eq-oracle-mean)-(eq-oracle-eps)."
-    def __init__(self,
-                 mixture: GaussianMixture,     # the data distribution p(x_0), D dimensions
-                 schedule: NoiseSchedule,      # the forward process
-                 prediction: str = "eps",      # what calling the oracle returns: one of PREDICTIONS
-                 learned_range: bool = False,  # also return the exact reverse variance as learned-range channels
-                ):
-        if not isinstance(mixture, GaussianMixture): raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
-        if not isinstance(schedule, NoiseSchedule): raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if prediction not in PREDICTIONS: raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        self.mixture, self.schedule, self.prediction, self.learned_range = mixture, schedule, prediction, bool(learned_range)
+    """The exact denoiser of Gaussian-mixture data, usable as a model `model(x_t, t)`, Eqs. (eq-
+    oracle-mean)-(eq-oracle-eps)."""
 
-    def __repr__(self): return f"GaussianMixtureOracle({self.mixture}, T={self.schedule.num_timesteps}, prediction={self.prediction!r})"
+    def __init__(
+        self,
+        mixture: GaussianMixture,  # the data distribution p(x_0), D dimensions
+        schedule: NoiseSchedule,  # the forward process
+        prediction: str = "eps",  # what calling the oracle returns: one of PREDICTIONS
+        learned_range: bool = False,  # also return the exact reverse variance (channels)
+    ):
+        if not isinstance(mixture, GaussianMixture):
+            raise ValueError(
+                f"mixture must be a GaussianMixture, got {type(mixture).__name__}"
+            )
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(
+                f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
+        if prediction not in PREDICTIONS:
+            raise ValueError(
+                f"prediction must be one of {PREDICTIONS}, got {prediction!r}"
+            )
+        self.mixture, self.schedule, self.prediction, self.learned_range = (
+            mixture,
+            schedule,
+            prediction,
+            bool(learned_range),
+        )
+
+    def __repr__(self):
+        T = self.schedule.num_timesteps
+        return f"GaussianMixtureOracle({self.mixture}, T={T}, prediction={self.prediction!r})"
 
 # %% ../nbs/06_oracle.ipynb #6c3ce328
 @patch
 def _components(self: GaussianMixtureOracle, x_t, t, y=None):
-    "x_t flattened to float64 [B, D]; √ᾱ, 1-ᾱ [B, 1, 1]; log π_k N_k(x_t) [B, K]; x_t - √ᾱ μ_k and v_k [B, K, D], Eq. (eq-oracle-marginal)."
+    """x_t flattened to float64 [B, D]; √ᾱ, 1-ᾱ [B, 1, 1]; log π_k N_k(x_t) [B, K]; x_t - √ᾱ μ_k and
+    v_k [B, K, D], Eq. (eq-oracle-marginal)."""
     mix, D = self.mixture, self.mixture.dim
-    if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point() or x_t.ndim < 2 or x_t[0].numel() != D:
-        raise ValueError(f"x_t must be a floating-point tensor [B, ...] with {D} numbers per example, got "
-                         f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}")
-    dev = x_t.device if x_t.device.type != "mps" else torch.device("cpu")   # MPS has no float64
+    if (
+        not isinstance(x_t, torch.Tensor)
+        or not x_t.is_floating_point()
+        or x_t.ndim < 2
+        or x_t[0].numel() != D
+    ):
+        raise ValueError(
+            f"x_t must be a floating-point tensor [B, ...] with {D} numbers per example, got "
+            f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}"
+        )
+    dev = (
+        x_t.device if x_t.device.type != "mps" else torch.device("cpu")
+    )  # MPS has no float64
     x = x_t.reshape(len(x_t), D).to(dev, torch.float64)
     a = self.schedule.gather("sqrt_alphas_cumprod", t, x)[..., None]
     b2 = self.schedule.gather("sqrt_one_minus_alphas_cumprod", t, x)[..., None] ** 2
     v = a**2 * mix.stds.to(dev) ** 2 + b2
     diff = x[:, None] - a * mix.means.to(dev)
-    logj = mix.weights.to(dev).log() - 0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1)
+    logj = mix.weights.to(dev).log() - 0.5 * (
+        diff**2 / v + torch.log(2 * math.pi * v)
+    ).sum(-1)
     if y is not None:
         K = len(mix.weights)
-        if not isinstance(y, torch.Tensor) or y.shape != (len(x),) or y.is_floating_point() or int(y.min()) < 0 or int(y.max()) >= K:
-            raise ValueError(f"y must be an integer tensor [B]={len(x)} of component indices in [0, {K - 1}]")
-        logj = logj.masked_fill(torch.arange(K, device=dev) != y.to(dev)[:, None], -math.inf)
+        if (
+            not isinstance(y, torch.Tensor)
+            or y.shape != (len(x),)
+            or y.is_floating_point()
+            or int(y.min()) < 0
+            or int(y.max()) >= K
+        ):
+            raise ValueError(
+                f"y must be an integer tensor [B]={len(x)} of component indices in [0, {K - 1}]"
+            )
+        logj = logj.masked_fill(
+            torch.arange(K, device=dev) != y.to(dev)[:, None], -math.inf
+        )
     return x, a, b2, logj, diff, v
 
 # %% ../nbs/06_oracle.ipynb #f5a20ee1
 @patch
-def log_prob_xt(self: GaussianMixtureOracle,
-                x_t: torch.Tensor,  # [B, ...] noised data, mixture.dim numbers per example
-                t: torch.Tensor,    # [B] integer steps in [0, T)
-               ) -> torch.Tensor:   # [B] float64, nats
+def log_prob_xt(
+    self: GaussianMixtureOracle,
+    x_t: torch.Tensor,  # [B, ...] noised data, mixture.dim numbers per example
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+) -> torch.Tensor:  # [B] float64, nats
     "Exact log q(x_t) of the noised mixture, Eq. (eq-oracle-marginal)."
     return torch.logsumexp(self._components(x_t, t)[3], dim=-1)
 
+
 @patch
-def responsibilities(self: GaussianMixtureOracle, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def responsibilities(
+    self: GaussianMixtureOracle, x_t: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     "p(k | x_t) [B, K] in float64, Eq. (eq-oracle-resp)."
     return self._components(x_t, t)[3].softmax(-1)
 
+
 @patch
-def score(self: GaussianMixtureOracle, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    "Exact score ∇ log q(x_t) (of q(x_t | y) if y is given), shaped like x_t, Eq. (eq-oracle-score)."
+def score(
+    self: GaussianMixtureOracle,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact score ∇ log q(x_t) (of q(x_t | y) if y is given), shaped like x_t, Eq. (eq-oracle-
+    score)."""
     x, a, b2, logj, diff, v = self._components(x_t, t, y)
-    return (-(logj.softmax(-1)[..., None] * diff / v).sum(1)).reshape(x_t.shape).to(x_t.dtype).to(x_t.device)
+    return (
+        (-(logj.softmax(-1)[..., None] * diff / v).sum(1))
+        .reshape(x_t.shape)
+        .to(x_t.dtype)
+        .to(x_t.device)
+    )
+
 
 @patch
 def marginal(self: GaussianMixtureOracle, t: int) -> GaussianMixture:
-    "q(x_t) at one code step t as a GaussianMixture (to sample it or evaluate it), Eq. (eq-oracle-marginal)."
-    abar = float(self.schedule.alphas_cumprod[self.schedule.check_t(torch.tensor([t]))[0]])
+    """q(x_t) at one code step t as a GaussianMixture (to sample it or evaluate it), Eq. (eq-oracle-
+    marginal)."""
+    abar = float(
+        self.schedule.alphas_cumprod[self.schedule.check_t(torch.tensor([t]))[0]]
+    )
     m = self.mixture
-    return GaussianMixture(math.sqrt(abar) * m.means, (abar * m.stds**2 + 1 - abar).sqrt(), m.weights)
+    return GaussianMixture(
+        math.sqrt(abar) * m.means, (abar * m.stds**2 + 1 - abar).sqrt(), m.weights
+    )
 
 # %% ../nbs/06_oracle.ipynb #41d48770
 @patch
@@ -86,38 +149,50 @@ def _posterior(self: GaussianMixtureOracle, x_t, t, y=None):
     "Float64 [B, D] x_t, E[x0 | x_t] and Var[x0 | x_t], Eqs. (eq-oracle-cond), (eq-oracle-mean)."
     x, a, b2, logj, diff, v = self._components(x_t, t, y)
     s2 = self.mixture.stds.to(x.device) ** 2
-    r = logj.softmax(-1)[..., None]                           # [B, K, 1]
+    r = logj.softmax(-1)[..., None]  # [B, K, 1]
     m_k = self.mixture.means.to(x.device) + a * s2 / v * diff  # [B, K, D]
     mean = (r * m_k).sum(1)
     var = (r * (s2 * b2 / v + (m_k - mean[:, None]) ** 2)).sum(1)
     return x, mean, var
 
+
 @patch
-def posterior_x0(self: GaussianMixtureOracle,
-                 x_t: torch.Tensor,                 # [B, ...] noised data
-                 t: torch.Tensor,                   # [B] integer steps in [0, T)
-                 y: torch.Tensor | None = None,     # [B] component indices to condition on, or None
-                ) -> tuple[torch.Tensor, torch.Tensor]:  # E[x0 | x_t], Var[x0 | x_t], shaped and typed like x_t
+def posterior_x0(
+    self: GaussianMixtureOracle,
+    x_t: torch.Tensor,  # [B, ...] noised data
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    y: torch.Tensor | None = None,  # [B] component indices to condition on, or None
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # E[x0 | x_t], Var[x0 | x_t], shaped and typed like x_t
     "Exact posterior mean and per-coordinate variance of x_0 given x_t, Eq. (eq-oracle-mean)."
     _, mean, var = self._posterior(x_t, t, y)
     return tuple(z.reshape(x_t.shape).to(x_t.dtype).to(x_t.device) for z in (mean, var))
 
 # %% ../nbs/06_oracle.ipynb #4af4f89b
 @patch
-def __call__(self: GaussianMixtureOracle,
-             x_t: torch.Tensor,               # [B, ...] noised data, mixture.dim numbers per example
-             t: torch.Tensor,                 # [B] integer steps in [0, T)
-             y: torch.Tensor | None = None,   # [B] component indices: the exact class-conditional model
-            ) -> torch.Tensor:                # like x_t ([B, 2C, ...] with learned_range), x_t's dtype and device
+def __call__(
+    self: GaussianMixtureOracle,
+    x_t: torch.Tensor,  # [B, ...] noised data, mixture.dim numbers per example
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    y: torch.Tensor
+    | None = None,  # [B] component indices: the exact class-conditional model
+) -> torch.Tensor:  # like x_t ([B, 2C, ...] with learned_range), x_t's dtype and device
     "The exact prediction ε*, E[x0|x_t] or v* for x_t, Eq. (eq-oracle-eps)."
     x, x0, var = self._posterior(x_t, t, y)
     out = x0 if self.prediction == "x0" else eps_from_x0(self.schedule, x, t, x0)
-    if self.prediction == "v": out = v_from_x0_eps(self.schedule, x0, t, out)
+    if self.prediction == "v":
+        out = v_from_x0_eps(self.schedule, x0, t, out)
     out = out.reshape(x_t.shape)
     if self.learned_range:
         g = lambda name: self.schedule.gather(name, t, x)
-        rev_var = g("posterior_variance") + g("posterior_mean_coef1") ** 2 * var   # Var[x_{t-1} | x_t], [B, D]
-        lo, hi = g("posterior_log_variance_clipped"), self.schedule.gather(self.schedule.betas.log(), t, x)
+        rev_var = (
+            g("posterior_variance") + g("posterior_mean_coef1") ** 2 * var
+        )  # Var[x_{t-1} | x_t], [B, D]
+        lo, hi = (
+            g("posterior_log_variance_clipped"),
+            self.schedule.gather(self.schedule.betas.log(), t, x),
+        )
         frac = ((rev_var.log() - lo) / (hi - lo)).clamp(0, 1)
         out = torch.cat([out, (2 * frac - 1).reshape(x_t.shape)], dim=1)
     return out.to(x_t.dtype).to(x_t.device)

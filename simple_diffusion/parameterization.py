@@ -19,75 +19,107 @@ __all__ = ['PREDICTIONS', 'VARIANCES', 'x0_from_eps', 'eps_from_x0', 'v_from_x0_
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned_range")
 
+
 def _check_pair(a, b, name_a, name_b):
     "Both floating tensors; b must have a's shape and dtype."
     a, b = check_tensor(a, name_a), check_tensor(b, name_b)
     if b.shape != a.shape or b.dtype != a.dtype:
-        raise ValueError(f"{name_b} must have the shape and dtype of {name_a}, "
-                         f"{tuple(a.shape)} {a.dtype}; got {tuple(b.shape)} {b.dtype}")
+        raise ValueError(
+            f"{name_b} must have the shape and dtype of {name_a}, "
+            f"{tuple(a.shape)} {a.dtype}; got {tuple(b.shape)} {b.dtype}"
+        )
     return a, b
 
 # %% ../nbs/05_parameterization.ipynb #7375e44c
-def x0_from_eps(schedule: NoiseSchedule,
-                xt: torch.Tensor,   # [B, ...] noisy sample at code step t
-                t: torch.Tensor,    # [B] integer steps in [0, T)
-                eps: torch.Tensor,  # [B, ...] the noise (or a prediction of it); shape and dtype of xt
-               ) -> torch.Tensor:   # [B, ...] x_0
+def x0_from_eps(
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    eps: torch.Tensor,  # [B, ...] the noise (or a prediction of it); shape and dtype of xt
+) -> torch.Tensor:  # [B, ...] x_0
     "x_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, Eq. (eq-param-x0-eps)."
     xt, eps = _check_pair(xt, eps, "xt", "eps")
-    return (xt - schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * eps) / schedule.gather("sqrt_alphas_cumprod", t, xt)
+    return (
+        xt - schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * eps
+    ) / schedule.gather("sqrt_alphas_cumprod", t, xt)
 
-def eps_from_x0(schedule: NoiseSchedule,
-                xt: torch.Tensor,   # [B, ...] noisy sample at code step t
-                t: torch.Tensor,    # [B] integer steps in [0, T)
-                x0: torch.Tensor,   # [B, ...] clean data (or a prediction of it); shape and dtype of xt
-               ) -> torch.Tensor:   # [B, ...] ε
+
+def eps_from_x0(
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    x0: torch.Tensor,  # [B, ...] clean data (or a prediction of it); shape and dtype of xt
+) -> torch.Tensor:  # [B, ...] ε
     "ε = (x_t - √ᾱ_t x_0) / √(1-ᾱ_t), Eq. (eq-param-x0-eps)."
     xt, x0 = _check_pair(xt, x0, "xt", "x0")
-    return (xt - schedule.gather("sqrt_alphas_cumprod", t, xt) * x0) / schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt)
+    return (xt - schedule.gather("sqrt_alphas_cumprod", t, xt) * x0) / schedule.gather(
+        "sqrt_one_minus_alphas_cumprod", t, xt
+    )
 
 # %% ../nbs/05_parameterization.ipynb #08ff29b5
-def v_from_x0_eps(schedule: NoiseSchedule,
-                  x0: torch.Tensor,   # [B, ...] clean data
-                  t: torch.Tensor,    # [B] integer steps in [0, T)
-                  eps: torch.Tensor,  # [B, ...] the noise that made x_t; shape and dtype of x0
-                 ) -> torch.Tensor:   # [B, ...] v, the v-prediction target
+def v_from_x0_eps(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    eps: torch.Tensor,  # [B, ...] the noise that made x_t; shape and dtype of x0
+) -> torch.Tensor:  # [B, ...] v, the v-prediction target
     "v = √ᾱ_t ε - √(1-ᾱ_t) x_0, Eq. (eq-param-v)."
     x0, eps = _check_pair(x0, eps, "x0", "eps")
-    return schedule.gather("sqrt_alphas_cumprod", t, x0) * eps - schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+    return (
+        schedule.gather("sqrt_alphas_cumprod", t, x0) * eps
+        - schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) * x0
+    )
 
-def x0_from_v(schedule: NoiseSchedule,
-              xt: torch.Tensor,  # [B, ...] noisy sample at code step t
-              t: torch.Tensor,   # [B] integer steps in [0, T)
-              v: torch.Tensor,   # [B, ...] v (or a prediction of it); shape and dtype of xt
-             ) -> torch.Tensor:  # [B, ...] x_0
+
+def x0_from_v(
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    v: torch.Tensor,  # [B, ...] v (or a prediction of it); shape and dtype of xt
+) -> torch.Tensor:  # [B, ...] x_0
     "x_0 = √ᾱ_t x_t - √(1-ᾱ_t) v, Eq. (eq-param-v-inverse)."
     xt, v = _check_pair(xt, v, "xt", "v")
-    return schedule.gather("sqrt_alphas_cumprod", t, xt) * xt - schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * v
+    return (
+        schedule.gather("sqrt_alphas_cumprod", t, xt) * xt
+        - schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * v
+    )
 
-def eps_from_v(schedule: NoiseSchedule,
-               xt: torch.Tensor,  # [B, ...] noisy sample at code step t
-               t: torch.Tensor,   # [B] integer steps in [0, T)
-               v: torch.Tensor,   # [B, ...] v (or a prediction of it); shape and dtype of xt
-              ) -> torch.Tensor:  # [B, ...] ε
+
+def eps_from_v(
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    v: torch.Tensor,  # [B, ...] v (or a prediction of it); shape and dtype of xt
+) -> torch.Tensor:  # [B, ...] ε
     "ε = √(1-ᾱ_t) x_t + √ᾱ_t v, Eq. (eq-param-v-inverse)."
     xt, v = _check_pair(xt, v, "xt", "v")
-    return schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * xt + schedule.gather("sqrt_alphas_cumprod", t, xt) * v
+    return (
+        schedule.gather("sqrt_one_minus_alphas_cumprod", t, xt) * xt
+        + schedule.gather("sqrt_alphas_cumprod", t, xt) * v
+    )
 
 # %% ../nbs/05_parameterization.ipynb #00cd8f28
-def x0_eps_from_output(schedule: NoiseSchedule,
-                       xt: torch.Tensor,            # [B, ...] noisy sample at code step t
-                       t: torch.Tensor,             # [B] integer steps in [0, T)
-                       output: torch.Tensor,        # [B, ...] the model's prediction, shape and dtype of xt
-                       prediction: str = "eps",     # what output predicts: one of PREDICTIONS
-                       clip_denoised: bool = False, # clip x̂_0 to [-1, 1] and recompute ε̂ from it
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # (x̂_0, ε̂), each [B, ...]
-    "Predicted (x_0, ε) from a model output of type `prediction`, Eqs. (eq-param-x0-eps) and (eq-param-v-inverse)."
+def x0_eps_from_output(
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    output: torch.Tensor,  # [B, ...] the model's prediction, shape and dtype of xt
+    prediction: str = "eps",  # what output predicts: one of PREDICTIONS
+    clip_denoised: bool = False,  # clip x̂_0 to [-1, 1] and recompute ε̂ from it
+) -> tuple[torch.Tensor, torch.Tensor]:  # (x̂_0, ε̂), each [B, ...]
+    "Predicted (x_0, ε) from a model output of type `prediction`, Eqs. (eq-param-x0-eps) and "
+    "(eq-param-v-inverse)."
     check_choice(prediction, PREDICTIONS, "prediction")
     xt, output = _check_pair(xt, output, "xt", "output")
-    if prediction == "eps": x0, eps = x0_from_eps(schedule, xt, t, output), output
-    elif prediction == "x0": x0, eps = output, eps_from_x0(schedule, xt, t, output)
-    else: x0, eps = x0_from_v(schedule, xt, t, output), eps_from_v(schedule, xt, t, output)
+    if prediction == "eps":
+        x0, eps = x0_from_eps(schedule, xt, t, output), output
+    elif prediction == "x0":
+        x0, eps = output, eps_from_x0(schedule, xt, t, output)
+    else:
+        x0, eps = (
+            x0_from_v(schedule, xt, t, output),
+            eps_from_v(schedule, xt, t, output),
+        )
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
         eps = eps_from_x0(schedule, xt, t, x0)
@@ -95,55 +127,87 @@ def x0_eps_from_output(schedule: NoiseSchedule,
 
 # %% ../nbs/05_parameterization.ipynb #ec29f2f4
 class PMeanVar(NamedTuple):
-    "The reverse step p_θ(x_{t-1} | x_t) = N(mean, variance) and the x̂_0 it implies; every field [B, ...] like x_t (fixed variances as expanded views)."
+    """The reverse step p_θ(x_{t-1} | x_t) = N(mean, variance) and the x̂_0 it implies; every field
+    [B, ...] like x_t (fixed variances as expanded views)."""
+
     mean: torch.Tensor
     variance: torch.Tensor
     log_variance: torch.Tensor
     pred_x0: torch.Tensor
 
+
 def _fixed_large_variance(schedule):
     "(β̃_2, β_2, …, β_T): the 'fixed_large' table of improved-diffusion ([T], float64)."
-    return torch.cat([schedule.posterior_log_variance_clipped[:1].exp(), schedule.betas[1:]])
+    return torch.cat(
+        [schedule.posterior_log_variance_clipped[:1].exp(), schedule.betas[1:]]
+    )
+
 
 def _reverse_log_variance(schedule, t, xt, variance, var_values):
-    "(variance, log-variance) of the reverse step, shaped like xt, Eq. (eq-param-learned-range) for 'learned_range'."
+    """(variance, log-variance) of the reverse step, shaped like xt, Eq. (eq-param-learned-range)
+    for 'learned_range'."""
     if variance == "learned_range":
         frac = (var_values + 1) / 2
-        log_var = frac * schedule.gather(schedule.betas.log(), t, xt) + (1 - frac) * schedule.gather("posterior_log_variance_clipped", t, xt)
+        log_var = frac * schedule.gather(schedule.betas.log(), t, xt) + (
+            1 - frac
+        ) * schedule.gather("posterior_log_variance_clipped", t, xt)
         return log_var.exp(), log_var
     if variance == "fixed_small":
-        var, log_var = schedule.gather("posterior_variance", t, xt), schedule.gather("posterior_log_variance_clipped", t, xt)
+        var, log_var = (
+            schedule.gather("posterior_variance", t, xt),
+            schedule.gather("posterior_log_variance_clipped", t, xt),
+        )
     else:
         table = _fixed_large_variance(schedule)
-        var, log_var = schedule.gather(table, t, xt), schedule.gather(table.log(), t, xt)
+        var, log_var = (
+            schedule.gather(table, t, xt),
+            schedule.gather(table.log(), t, xt),
+        )
     return var.expand(xt.shape), log_var.expand(xt.shape)
 
 # %% ../nbs/05_parameterization.ipynb #0ee6def9
-def p_mean_variance(model: Callable,             # model(x_t, t, **model_kwargs) -> [B, C, ...] (2C channels for "learned_range")
-                    schedule: NoiseSchedule,
-                    xt: torch.Tensor,            # [B, C, ...] noisy sample at code step t
-                    t: torch.Tensor,             # [B] integer steps in [0, T)
-                    *,
-                    prediction: str = "eps",     # what the model predicts: one of PREDICTIONS
-                    variance: str = "fixed_small",  # one of VARIANCES
-                    clip_denoised: bool = False, # clip x̂_0 to [-1, 1] before forming the mean
-                    model_kwargs: dict | None = None,  # extra model inputs, e.g. {"y": labels}
-                   ) -> PMeanVar:
-    "Mean and variance of p_θ(x_{t-1} | x_t), Eqs. (eq-param-reverse), (eq-post-mean) and (eq-param-learned-range)."
+def p_mean_variance(
+    model: Callable,  # model(x_t, t, **kw) -> [B, C, ...] (2C: learned_range)
+    schedule: NoiseSchedule,
+    xt: torch.Tensor,  # [B, C, ...] noisy sample at code step t
+    t: torch.Tensor,  # [B] integer steps in [0, T)
+    *,
+    prediction: str = "eps",  # what the model predicts: one of PREDICTIONS
+    variance: str = "fixed_small",  # one of VARIANCES
+    clip_denoised: bool = False,  # clip x̂_0 to [-1, 1] before forming the mean
+    model_kwargs: dict | None = None,  # extra model inputs, e.g. {"y": labels}
+) -> PMeanVar:
+    """Mean and variance of p_θ(x_{t-1} | x_t), Eqs. (eq-param-reverse), (eq-post-mean) and (eq-
+    param-learned-range)."""
     check_choice(prediction, PREDICTIONS, "prediction")
     check_choice(variance, VARIANCES, "variance")
     xt = check_tensor(xt, "xt")
     schedule.check_t(t, xt.shape[0])
-    if model_kwargs is not None and not isinstance(model_kwargs, dict): raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise ValueError(
+            f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}"
+        )
     out = model(xt, t, **(model_kwargs or {}))
     learned = variance == "learned_range"
-    want = (xt.shape[0], 2 * xt.shape[1], *xt.shape[2:]) if learned and xt.ndim >= 2 else tuple(xt.shape)
-    if learned and xt.ndim < 2: raise ValueError(f"variance='learned_range' needs xt with a channel dimension [B, C, ...], got {tuple(xt.shape)}")
+    want = (
+        (xt.shape[0], 2 * xt.shape[1], *xt.shape[2:])
+        if learned and xt.ndim >= 2
+        else tuple(xt.shape)
+    )
+    if learned and xt.ndim < 2:
+        raise ValueError(
+            "variance='learned_range' needs xt with a channel dimension [B, C, ...], got "
+            f"{tuple(xt.shape)}"
+        )
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-        raise ValueError(f"model output must have shape {want} for variance={variance!r}, got "
-                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        raise ValueError(
+            f"model output must have shape {want} for variance={variance!r}, got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
     out = out.to(xt.dtype)
     out, var_values = out.chunk(2, dim=1) if learned else (out, None)
     var, log_var = _reverse_log_variance(schedule, t, xt, variance, var_values)
     pred_x0, _ = x0_eps_from_output(schedule, xt, t, out, prediction, clip_denoised)
-    return PMeanVar(q_posterior_mean_variance(schedule, pred_x0, xt, t)[0], var, log_var, pred_x0)
+    return PMeanVar(
+        q_posterior_mean_variance(schedule, pred_x0, xt, t)[0], var, log_var, pred_x0
+    )

@@ -12,14 +12,28 @@ from .schedules import NoiseSchedule
 __all__ = ['q_posterior_mean_variance']
 
 # %% ../nbs/04_posterior.ipynb #858a0f0c
-def q_posterior_mean_variance(schedule: NoiseSchedule,
-                              x0: torch.Tensor,  # [B, ...] clean data (or a prediction of it)
-                              xt: torch.Tensor,  # [B, ...] the sample at code step t (paper's x_{t+1}); shape and dtype of x0
-                              t: torch.Tensor,   # [B] integer steps in [0, T); code t is the paper's t+1
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # mean [B, ...]; variance, clipped log-variance [B, 1, ..., 1]
-    "Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), Eqs. (eq-post-mean) and (eq-post-variance)."
+def q_posterior_mean_variance(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,  # [B, ...] clean data (or a prediction of it)
+    xt: torch.Tensor,  # [B, ...] the sample at code step t (paper's x_{t+1}); shape and dtype of x0
+    t: torch.Tensor,  # [B] integer steps in [0, T); code t is the paper's t+1
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:  # mean [B, ...]; variance, clipped log-variance [B, 1, ..., 1]
+    "Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0), Eqs. (eq-post-mean) and "
+    "(eq-post-variance)."
     x0, xt = check_tensor(x0, "x0"), check_tensor(xt, "xt")
     if xt.shape != x0.shape or xt.dtype != x0.dtype:
-        raise ValueError(f"xt must have the shape and dtype of x0, {tuple(x0.shape)} {x0.dtype}; got {tuple(xt.shape)} {xt.dtype}")
-    mean = schedule.gather("posterior_mean_coef1", t, x0) * x0 + schedule.gather("posterior_mean_coef2", t, xt) * xt
-    return mean, schedule.gather("posterior_variance", t, x0), schedule.gather("posterior_log_variance_clipped", t, x0)
+        raise ValueError(
+            f"xt must have the shape and dtype of x0, {tuple(x0.shape)} {x0.dtype}; got "
+            f"{tuple(xt.shape)} {xt.dtype}"
+        )
+    mean = (
+        schedule.gather("posterior_mean_coef1", t, x0) * x0
+        + schedule.gather("posterior_mean_coef2", t, xt) * xt
+    )
+    return (
+        mean,
+        schedule.gather("posterior_variance", t, x0),
+        schedule.gather("posterior_log_variance_clipped", t, x0),
+    )

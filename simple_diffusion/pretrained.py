@@ -14,7 +14,7 @@ from torch import nn
 
 from .core import pick_device
 from .schedules import NoiseSchedule
-from .training import CheckpointError, TrainConfig, load_checkpoint, load_weights
+from .training import TrainConfig, load_checkpoint, load_weights
 
 # %% auto #0
 __all__ = ['weights_dir', 'available', 'card', 'load', 'export_pretrained']
@@ -24,33 +24,51 @@ def weights_dir() -> Path:
     "The folder of the shipped weights inside the installed package."
     return Path(str(resources.files("simple_diffusion") / "weights"))
 
+
 def _card_path(name: str, directory: str | os.PathLike | None) -> Path:
     return Path(directory or weights_dir()) / f"{name}.json"
 
-def available(directory: str | os.PathLike | None = None,  # a folder of cards and weights; default: the package's
-             ) -> list[str]:                                # names accepted by load(), sorted
-    "Names of the shipped diffusion models: every <name>.json card with a train_config and its <name>.safetensors."
+
+def available(
+    directory: str
+    | os.PathLike
+    | None = None,  # a folder of cards and weights; default: the package's
+) -> list[str]:  # names accepted by load(), sorted
+    "Names of the shipped diffusion models: every <name>.json card with a train_config and its "
+    "<name>.safetensors."
     d = Path(directory or weights_dir())
     names = []
     for card in sorted(d.glob("*.json")):
-        try: ok = "train_config" in json.loads(card.read_text())
-        except (OSError, ValueError): ok = False
-        if ok and card.with_suffix(".safetensors").is_file(): names.append(card.stem)
+        try:
+            ok = "train_config" in json.loads(card.read_text())
+        except (OSError, ValueError):
+            ok = False
+        if ok and card.with_suffix(".safetensors").is_file():
+            names.append(card.stem)
     return names
 
+
 def card(name: str, directory: str | os.PathLike | None = None) -> dict:
-    "The JSON card of a shipped model: train_config, data_shape, num_classes, command, train_seconds, loss_curve…"
+    """The JSON card of a shipped model: train_config, data_shape, num_classes, command,
+    train_seconds, loss_curve…"""
     names = available(directory)
-    if name not in names: raise ValueError(f"name must be one of {names}, got {name!r}")
+    if name not in names:
+        raise ValueError(f"name must be one of {names}, got {name!r}")
     return json.loads(_card_path(name, directory).read_text())
 
 # %% ../nbs/13_pretrained.ipynb #f203a8ae
-def load(name: str,                                   # one of available()
-         *,
-         device: str | torch.device = "cpu",          # as for pick_device
-         directory: str | os.PathLike | None = None,  # where the files are; default: the package's weights
-        ) -> tuple[nn.Module, NoiseSchedule, TrainConfig]:  # network in eval mode (no grad), its schedule, its config
-    "A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from its safetensors."
+def load(
+    name: str,  # one of available()
+    *,
+    device: str | torch.device = "cpu",  # as for pick_device
+    directory: str
+    | os.PathLike
+    | None = None,  # where the files are; default: the package's weights
+) -> tuple[
+    nn.Module, NoiseSchedule, TrainConfig
+]:  # network in eval mode (no grad), its schedule, its config
+    "A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from "
+    "its safetensors."
     info = card(name, directory)
     cfg = TrainConfig.from_dict(info["train_config"])
     model = cfg.make_model(tuple(info["data_shape"]), info["num_classes"])
@@ -60,23 +78,51 @@ def load(name: str,                                   # one of available()
     return model.to(pick_device(device)).eval().requires_grad_(False), schedule, cfg
 
 # %% ../nbs/13_pretrained.ipynb #a8c90368
-def export_pretrained(run_dir: str | os.PathLike,         # a training run directory (its latest checkpoint is used)
-                      name: str,                           # the model's name: files <name>.safetensors and <name>.json
-                      *,
-                      command: str,                        # the exact command that trained it
-                      train_seconds: float,                # wall-clock time of that command
-                      description: str = "",
-                      directory: str | os.PathLike | None = None,  # where to write; default: the package's weights
-                     ) -> Path:                            # the safetensors file written
-    "Ship a run: its EMA weights as safetensors and a JSON card (config, data shape, command, time, loss curve)."
+def export_pretrained(
+    run_dir: str
+    | os.PathLike,  # a training run directory (its latest checkpoint is used)
+    name: str,  # the model's name: files <name>.safetensors and <name>.json
+    *,
+    command: str,  # the exact command that trained it
+    train_seconds: float,  # wall-clock time of that command
+    description: str = "",
+    directory: str
+    | os.PathLike
+    | None = None,  # where to write; default: the package's weights
+) -> Path:  # the safetensors file written
+    "Ship a run: its EMA weights as safetensors and a JSON card (config, data shape, command, "
+    "time, loss curve)."
     ck = load_checkpoint(run_dir)
     log = Path(run_dir) / "log.jsonl"
-    curve = [[r["step"], round(r["loss"], 5)] for r in map(json.loads, log.read_text().splitlines())] if log.is_file() else []
-    info = dict(name=name, description=description, train_config=ck["config"], data_shape=ck["state"]["data_shape"],
-                num_classes=ck["state"]["num_classes"], steps=int(ck["state"]["step"]), command=command,
-                train_seconds=round(float(train_seconds), 1), torch_version=torch.__version__, weights="EMA", loss_curve=curve)
-    out = Path(directory or weights_dir()); out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in ck["ema"].items()}, out / f"{name}.safetensors", metadata={"name": name, "step": str(info["steps"])})
+    curve = (
+        [
+            [r["step"], round(r["loss"], 5)]
+            for r in map(json.loads, log.read_text().splitlines())
+        ]
+        if log.is_file()
+        else []
+    )
+    info = dict(
+        name=name,
+        description=description,
+        train_config=ck["config"],
+        data_shape=ck["state"]["data_shape"],
+        num_classes=ck["state"]["num_classes"],
+        steps=int(ck["state"]["step"]),
+        command=command,
+        train_seconds=round(float(train_seconds), 1),
+        torch_version=torch.__version__,
+        weights="EMA",
+        loss_curve=curve,
+    )
+    out = Path(directory or weights_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in ck["ema"].items()},
+        out / f"{name}.safetensors",
+        metadata={"name": name, "step": str(info["steps"])},
+    )
     (out / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
-    for suffix in (".safetensors", ".json"): os.chmod(out / f"{name}{suffix}", 0o644)   # readable by all once installed
+    for suffix in (".safetensors", ".json"):
+        os.chmod(out / f"{name}{suffix}", 0o644)  # readable by all once installed
     return out / f"{name}.safetensors"

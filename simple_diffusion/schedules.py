@@ -24,111 +24,206 @@ def _ddpm_range(num_timesteps, beta_start, beta_end):
     start = 1e-4 * scale if beta_start is None else beta_start
     end = 0.02 * scale if beta_end is None else beta_end
     if not 0 < start <= end < 1:
-        raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={start}, beta_end={end}"
-                         + (" (DDPM's range scaled by 1000/T reaches 1 for T <= 20: pass beta_start and beta_end)"
-                            if beta_end is None else ""))
+        raise ValueError(
+            f"need 0 < beta_start <= beta_end < 1, got beta_start={start}, beta_end={end}"
+            + (
+                " (DDPM's range scaled by 1000/T reaches 1 for T <= 20: pass beta_start and "
+                "beta_end)"
+                if beta_end is None
+                else ""
+            )
+        )
     return start, end
 
 # %% ../nbs/02_schedules.ipynb #6fd5dd91
-def linear_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
-    "DDPM's linear schedule: β from 1e-4 to 0.02 at T=1000 (ends scaled by 1000/T otherwise); float64 [T]."
-    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
+def linear_betas(
+    num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
+    """DDPM's linear schedule: β from 1e-4 to 0.02 at T=1000 (ends scaled by 1000/T otherwise);
+    float64 [T]."""
+    start, end = _ddpm_range(
+        check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
+    )
     return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
 
-def quadratic_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
-    "DDPM's 'quad' schedule: √β linear between the linear schedule's ends; float64 [T]."
-    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
-    return torch.linspace(math.sqrt(start), math.sqrt(end), num_timesteps, dtype=torch.float64) ** 2
 
-def sigmoid_betas(num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None) -> torch.Tensor:
-    "GeoDiff's sigmoid schedule: β = σ(z)(β_end - β_start) + β_start, z evenly spaced in [-6, 6]; float64 [T]."
-    start, end = _ddpm_range(check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end)
-    return torch.sigmoid(torch.linspace(-6, 6, num_timesteps, dtype=torch.float64)) * (end - start) + start
+def quadratic_betas(
+    num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
+    "DDPM's 'quad' schedule: √β linear between the linear schedule's ends; float64 [T]."
+    start, end = _ddpm_range(
+        check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
+    )
+    return (
+        torch.linspace(
+            math.sqrt(start), math.sqrt(end), num_timesteps, dtype=torch.float64
+        )
+        ** 2
+    )
+
+
+def sigmoid_betas(
+    num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
+    """GeoDiff's sigmoid schedule: β = σ(z)(β_end - β_start) + β_start, z evenly spaced in [-6, 6];
+    float64 [T]."""
+    start, end = _ddpm_range(
+        check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
+    )
+    return (
+        torch.sigmoid(torch.linspace(-6, 6, num_timesteps, dtype=torch.float64))
+        * (end - start)
+        + start
+    )
 
 # %% ../nbs/02_schedules.ipynb #c21ff65f
-def cosine_betas(num_timesteps: int,
-                 s: float = 0.008,         # offset; s > 0 keeps beta_1 from vanishing
-                 max_beta: float = 0.999,  # clip, in (0, 1]; 0.999 keeps the last step invertible
-                ) -> torch.Tensor:
-    "Nichol & Dhariwal's cosine schedule, Eq. (eq-cosine): β_t = 1 - f(t)/f(t-1), clipped; float64 [T]."
+def cosine_betas(
+    num_timesteps: int,
+    s: float = 0.008,  # offset; s > 0 keeps beta_1 from vanishing
+    max_beta: float = 0.999,  # clip, in (0, 1]; 0.999 keeps the last step invertible
+) -> torch.Tensor:
+    """Nichol & Dhariwal's cosine schedule, Eq. (eq-cosine): β_t = 1 - f(t)/f(t-1), clipped; float64
+    [T]."""
     T = check_int(num_timesteps, "num_timesteps", 1)
-    if not 0 < max_beta <= 1: raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
-    if s < 0: raise ValueError(f"s must be >= 0, got {s}")
-    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    if not 0 < max_beta <= 1:
+        raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
+    if s < 0:
+        raise ValueError(f"s must be >= 0, got {s}")
+    f = (
+        torch.cos(
+            (torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2
+        )
+        ** 2
+    )
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 # %% ../nbs/02_schedules.ipynb #32c52a11
-def shifted_cosine_betas(num_timesteps: int,
-                         image_size: int,            # side of the images the model will see, d
-                         base_size: int = 64,        # resolution at which the plain cosine schedule is right
-                         logsnr_min: float = -15.0,  # unshifted log-SNR at tau = 1
-                         logsnr_max: float = 15.0,   # unshifted log-SNR at tau = 0
-                         max_beta: float = 0.999,
-                        ) -> torch.Tensor:
+def shifted_cosine_betas(
+    num_timesteps: int,
+    image_size: int,  # side of the images the model will see, d
+    base_size: int = 64,  # resolution at which the plain cosine schedule is right
+    logsnr_min: float = -15.0,  # unshifted log-SNR at tau = 1
+    logsnr_max: float = 15.0,  # unshifted log-SNR at tau = 0
+    max_beta: float = 0.999,
+) -> torch.Tensor:
     "Hoogeboom et al.'s resolution-shifted cosine schedule, Eq. (eq-shifted-cosine); float64 [T]."
     T = check_int(num_timesteps, "num_timesteps", 1)
-    if image_size < 1 or base_size < 1: raise ValueError(f"image_size and base_size must be >= 1, got {image_size}, {base_size}")
-    if not logsnr_min < logsnr_max: raise ValueError(f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
-    t_lo, t_hi = math.atan(math.exp(-0.5 * logsnr_max)), math.atan(math.exp(-0.5 * logsnr_min))
+    if image_size < 1 or base_size < 1:
+        raise ValueError(
+            f"image_size and base_size must be >= 1, got {image_size}, {base_size}"
+        )
+    if not logsnr_min < logsnr_max:
+        raise ValueError(
+            f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}"
+        )
+    t_lo, t_hi = (
+        math.atan(math.exp(-0.5 * logsnr_max)),
+        math.atan(math.exp(-0.5 * logsnr_min)),
+    )
     tau = torch.arange(1, T + 1, dtype=torch.float64) / T
-    logsnr = -2 * torch.log(torch.tan(t_lo + tau * (t_hi - t_lo))) + 2 * math.log(base_size / image_size)
+    logsnr = -2 * torch.log(torch.tan(t_lo + tau * (t_hi - t_lo))) + 2 * math.log(
+        base_size / image_size
+    )
     abar = torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(logsnr)])
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 # %% ../nbs/02_schedules.ipynb #c226959c
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    "Lin et al.'s fix, Eq. (eq-zero-snr): rescale betas so ᾱ_T = 0 and ᾱ_1 is unchanged; float64 [T], last β = 1."
+    """Lin et al.'s fix, Eq. (eq-zero-snr): rescale betas so ᾱ_T = 0 and ᾱ_1 is unchanged; float64
+    [T], last β = 1."""
     b = check_betas(betas)
-    if len(b) < 2: raise ValueError("betas must have at least 2 steps to rescale to zero terminal SNR")
-    s = torch.exp(0.5 * torch.cumsum(torch.log1p(-b), 0))      # sqrt(alphas_cumprod)
+    if len(b) < 2:
+        raise ValueError(
+            "betas must have at least 2 steps to rescale to zero terminal SNR"
+        )
+    s = torch.exp(0.5 * torch.cumsum(torch.log1p(-b), 0))  # sqrt(alphas_cumprod)
     s = (s - s[-1]) * s[0] / (s[0] - s[-1])
-    abar = s ** 2
+    abar = s**2
     return torch.cat([1 - abar[:1], 1 - abar[1:] / abar[:-1]])
 
 # %% ../nbs/02_schedules.ipynb #450b89e6
 def check_betas(betas) -> torch.Tensor:
-    "Validate a beta schedule and return it as float64: 1-D, finite, in (0, 1); only the last may be 1 (zero terminal SNR)."
+    """Validate a beta schedule and return it as float64: 1-D, finite, in (0, 1); only the last may
+    be 1 (zero terminal SNR)."""
     b = torch.as_tensor(betas).detach()
-    if b.ndim != 1 or len(b) < 1: raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}")
+    if b.ndim != 1 or len(b) < 1:
+        raise ValueError(
+            f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}"
+        )
     b = b.to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(b).all(): raise ValueError("betas must be finite (found NaN or inf)")
+    if not torch.isfinite(b).all():
+        raise ValueError("betas must be finite (found NaN or inf)")
     if (b <= 0).any() or (b[:-1] >= 1).any() or b[-1] > 1:
-        raise ValueError(f"betas must lie in (0, 1) (the last may equal 1, for zero terminal SNR); "
-                         f"got min {b.min().item():.3g}, max {b.max().item():.3g}")
+        raise ValueError(
+            f"betas must lie in (0, 1) (the last may equal 1, for zero terminal SNR); "
+            f"got min {b.min().item():.3g}, max {b.max().item():.3g}"
+        )
     return b
 
-def get_beta_schedule(name: str,           # one of SCHEDULES
-                      num_timesteps: int,  # T >= 1
-                      **kwargs,            # passed to the constructor, e.g. s=, max_beta=, image_size=, beta_end=
-                     ) -> torch.Tensor:    # float64 [T]
+
+def get_beta_schedule(
+    name: str,  # one of SCHEDULES
+    num_timesteps: int,  # T >= 1
+    **kwargs,  # passed to the constructor, e.g. s=, max_beta=, image_size=, beta_end=
+) -> torch.Tensor:  # float64 [T]
     "Betas of a named schedule: 'linear', 'quadratic', 'cosine', 'sigmoid' or 'shifted_cosine'."
-    makers = dict(linear=linear_betas, quadratic=quadratic_betas, cosine=cosine_betas,
-                  sigmoid=sigmoid_betas, shifted_cosine=shifted_cosine_betas)
-    if name not in makers: raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
-    return check_betas(makers[name](check_int(num_timesteps, "num_timesteps", 1), **kwargs))
+    makers = dict(
+        linear=linear_betas,
+        quadratic=quadratic_betas,
+        cosine=cosine_betas,
+        sigmoid=sigmoid_betas,
+        shifted_cosine=shifted_cosine_betas,
+    )
+    if name not in makers:
+        raise ValueError(f"name must be one of {SCHEDULES}, got {name!r}")
+    return check_betas(
+        makers[name](check_int(num_timesteps, "num_timesteps", 1), **kwargs)
+    )
 
 # %% ../nbs/02_schedules.ipynb #ff004fad
 class NoiseSchedule:
-    "All per-timestep tables of a discrete diffusion (float64), built from betas [T]; code t = 0…T-1 is the paper's 1…T."
-    TABLES = ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-              "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-              "sqrt_recipm1_alphas_cumprod", "snr", "log_snr", "posterior_variance",
-              "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2")
+    """All per-timestep tables of a discrete diffusion (float64), built from betas [T]; code t =
+    0…T-1 is the paper's 1…T."""
+
+    TABLES = (
+        "betas",
+        "alphas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "snr",
+        "log_snr",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+    )
 
     def __init__(self, betas):
         b = check_betas(betas)
         log_abar = torch.cumsum(torch.log1p(-b), 0)
         self.betas, self.alphas = b, 1 - b
         self.alphas_cumprod = abar = log_abar.exp()
-        one_minus = -torch.expm1(log_abar)                                   # 1 - abar, accurate near 0
+        one_minus = -torch.expm1(log_abar)  # 1 - abar, accurate near 0
         self.alphas_cumprod_prev = abar_prev = torch.cat([b.new_ones(1), abar[:-1]])
-        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = abar.sqrt(), one_minus.sqrt()
+        self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod = (
+            abar.sqrt(),
+            one_minus.sqrt(),
+        )
         self.log_one_minus_alphas_cumprod = one_minus.log()
         self.sqrt_recip_alphas_cumprod = (-0.5 * log_abar).exp()
         self.sqrt_recipm1_alphas_cumprod = (one_minus / abar).sqrt()
         self.snr, self.log_snr = abar / one_minus, log_abar - one_minus.log()
-        self.posterior_variance = pv = b * (1 - abar_prev) / one_minus        # Eq. (eq-posterior-coefs)
-        self.posterior_log_variance_clipped = torch.cat([pv[1:2] if len(b) > 1 else b[:1], pv[1:]]).log()
+        self.posterior_variance = pv = (
+            b * (1 - abar_prev) / one_minus
+        )  # Eq. (eq-posterior-coefs)
+        self.posterior_log_variance_clipped = torch.cat(
+            [pv[1:2] if len(b) > 1 else b[:1], pv[1:]]
+        ).log()
         self.posterior_mean_coef1 = b * abar_prev.sqrt() / one_minus
         self.posterior_mean_coef2 = (1 - abar_prev) * self.alphas.sqrt() / one_minus
 
@@ -138,9 +233,14 @@ class NoiseSchedule:
         return cls(get_beta_schedule(name, num_timesteps, **kwargs))
 
     @property
-    def num_timesteps(self) -> int: return len(self.betas)
-    def __len__(self): return self.num_timesteps
-    def __repr__(self): return f"NoiseSchedule(T={self.num_timesteps}, device={self.betas.device})"
+    def num_timesteps(self) -> int:
+        return len(self.betas)
+
+    def __len__(self):
+        return self.num_timesteps
+
+    def __repr__(self):
+        return f"NoiseSchedule(T={self.num_timesteps}, device={self.betas.device})"
 
 # %% ../nbs/02_schedules.ipynb #9ff65fd0
 @patch
@@ -156,43 +256,51 @@ def _check_t_layout(t, batch):
     "t's type, dtype and shape (metadata only: no host sync)."
     if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
         got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"t must be an integer tensor (torch.long or torch.int32), got {got}")
+        raise ValueError(
+            f"t must be an integer tensor (torch.long or torch.int32), got {got}"
+        )
     if t.ndim != 1 or (batch is not None and len(t) != batch):
         want = "[B]" + (f" with B={batch}" if batch is not None else "")
         raise ValueError(f"t must have shape {want}, got {tuple(t.shape)}")
 
 
 @patch
-def check_t(self: NoiseSchedule,
-            t: torch.Tensor,           # integer timesteps [B], 0 <= t < T
-            batch: int | None = None,  # the batch size t must match, if known
-           ) -> torch.Tensor:
+def check_t(
+    self: NoiseSchedule,
+    t: torch.Tensor,  # integer timesteps [B], 0 <= t < T
+    batch: int | None = None,  # the batch size t must match, if known
+) -> torch.Tensor:
     "Validate 0-indexed timesteps: int64/int32 [B] in [0, T). Reads the values (a host sync)."
     _check_t_layout(t, batch)
     if len(t):
         lo, hi = (int(v) for v in torch.aminmax(t))
         if lo < 0 or hi >= self.num_timesteps:
-            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}] (code t = 0…T-1 is "
-                             f"the paper's 1…T), got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"t must lie in [0, {self.num_timesteps - 1}] (code t = 0…T-1 is "
+                f"the paper's 1…T), got values in [{lo}, {hi}]"
+            )
     return t
 
 
 @patch
-def gather(self: NoiseSchedule,
-           table: str | torch.Tensor,  # a name from NoiseSchedule.TABLES, or any [T] tensor
-           t: torch.Tensor,            # [B] integer timesteps in [0, T)
-           x: torch.Tensor,            # [B, ...]: supplies batch size, dtype, device and rank
-          ) -> torch.Tensor:           # [B, 1, ..., 1], x's dtype and device
+def gather(
+    self: NoiseSchedule,
+    table: str | torch.Tensor,  # a name from NoiseSchedule.TABLES, or any [T] tensor
+    t: torch.Tensor,  # [B] integer timesteps in [0, T)
+    x: torch.Tensor,  # [B, ...]: supplies batch size, dtype, device and rank
+) -> torch.Tensor:  # [B, 1, ..., 1], x's dtype and device
     "Per-sample values table[t], cast to x's dtype and device and shaped to broadcast against x."
     if isinstance(table, str) and table not in self.TABLES:
         raise ValueError(f"table must be one of {self.TABLES}, got {table!r}")
     vals = getattr(self, table) if isinstance(table, str) else table
     if vals.ndim != 1 or len(vals) != self.num_timesteps:
-        raise ValueError(f"table must have shape [{self.num_timesteps}], got {tuple(vals.shape)}")
+        raise ValueError(
+            f"table must have shape [{self.num_timesteps}], got {tuple(vals.shape)}"
+        )
     _check_t_layout(t, x.shape[0] if x.ndim else None)
     try:
         out = vals.index_select(0, t.to(vals.device))
-    except IndexError:                       # out of range (caught on the CPU): say which values
+    except IndexError:  # out of range (caught on the CPU): say which values
         self.check_t(t)
         raise
     out = out.to(dtype=x.dtype if x.is_floating_point() else vals.dtype).to(x.device)

@@ -43,150 +43,249 @@ LOSSES = ("mse", "min_snr", "hybrid")
 @dataclass
 class TrainConfig:
     "Everything that defines a training run; JSON-serialisable and validated when created."
-    data: str = "digits"          # "digits", a 2-D toy (moons, swissroll, gmm25, gmm8) or an .npy path
-    steps: int = 2000             # optimiser steps in total (a resumed run continues up to this), >= 0
-    batch_size: int = 128         # examples per step on each process, >= 1
-    lr: float = 1e-3              # peak learning rate of AdamW, > 0
-    warmup: int = 100             # steps of linear learning-rate warm-up, >= 0
-    grad_clip: float = 1.0        # clip the global gradient norm to this; 0 turns clipping off
-    weight_decay: float = 0.0     # AdamW's decoupled weight decay, >= 0
-    schedule: str = "cosine"      # noise schedule, one of SCHEDULES
-    num_timesteps: int = 1000     # T, the number of diffusion steps
-    prediction: str = "eps"       # what the network predicts, one of PREDICTIONS
-    loss: str = "mse"             # "mse" (L_simple), "min_snr" (min-SNR-γ weighting) or "hybrid" (learned variance)
-    min_snr_gamma: float = 5.0    # γ of the min-SNR weighting, > 0
-    ema_decay: float = 0.999      # EMA decay per step, in [0, 1]
-    seed: int = 0                 # seeds initialisation, batches and noise
-    amp: bool = True              # bf16 autocast when the device is CUDA (ignored elsewhere)
-    compile: bool = False         # torch.compile the network
-    log_every: int = 50           # steps between log lines, >= 1
-    ckpt_every: int = 500         # steps between checkpoints (one is also written at the end), >= 1
-    model: str = "auto"           # "auto", "mlp" or a U-Net configuration name for make_unet
-    model_kwargs: dict = field(default_factory=dict)  # keyword overrides for the network's constructor
+
+    data: str = (
+        "digits"  # "digits", a 2-D toy (moons, swissroll, gmm25, gmm8) or an .npy path
+    )
+    steps: int = (
+        2000  # optimiser steps in total (a resumed run continues up to this), >= 0
+    )
+    batch_size: int = 128  # examples per step on each process, >= 1
+    lr: float = 1e-3  # peak learning rate of AdamW, > 0
+    warmup: int = 100  # steps of linear learning-rate warm-up, >= 0
+    grad_clip: float = (
+        1.0  # clip the global gradient norm to this; 0 turns clipping off
+    )
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay, >= 0
+    schedule: str = "cosine"  # noise schedule, one of SCHEDULES
+    num_timesteps: int = 1000  # T, the number of diffusion steps
+    prediction: str = "eps"  # what the network predicts, one of PREDICTIONS
+    loss: str = "mse"  # "mse" (L_simple), "min_snr" (min-SNR-γ) or "hybrid" (learned variance)
+    min_snr_gamma: float = 5.0  # γ of the min-SNR weighting, > 0
+    ema_decay: float = 0.999  # EMA decay per step, in [0, 1]
+    seed: int = 0  # seeds initialisation, batches and noise
+    amp: bool = True  # bf16 autocast when the device is CUDA (ignored elsewhere)
+    compile: bool = False  # torch.compile the network
+    log_every: int = 50  # steps between log lines, >= 1
+    ckpt_every: int = (
+        500  # steps between checkpoints (one is also written at the end), >= 1
+    )
+    model: str = "auto"  # "auto", "mlp" or a U-Net configuration name for make_unet
+    model_kwargs: dict = field(
+        default_factory=dict
+    )  # keyword overrides for the network's constructor
     class_conditional: bool = False  # feed labels y to the model (needs labelled data)
-    p_uncond: float = 0.1         # probability of replacing a label by the null class, in [0, 1]
-    device: str = "auto"          # "auto", "cpu", "cuda", "cuda:N" or "mps"
+    p_uncond: float = (
+        0.1  # probability of replacing a label by the null class, in [0, 1]
+    )
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):
-        for k, lo in dict(steps=0, batch_size=1, warmup=0, num_timesteps=2, log_every=1, ckpt_every=1).items():
+        for k, lo in dict(
+            steps=0, batch_size=1, warmup=0, num_timesteps=2, log_every=1, ckpt_every=1
+        ).items():
             setattr(self, k, check_int(getattr(self, k), k, lo))
         self.seed = check_int(self.seed, "seed", 0, 2**63 - 1)
-        for k, lo, hi, lo_open in (("lr", 0, None, True), ("grad_clip", 0, None, False), ("weight_decay", 0, None, False),
-                                   ("min_snr_gamma", 0, None, True), ("ema_decay", 0, 1, False), ("p_uncond", 0, 1, False)):
+        for k, lo, hi, lo_open in (
+            ("lr", 0, None, True),
+            ("grad_clip", 0, None, False),
+            ("weight_decay", 0, None, False),
+            ("min_snr_gamma", 0, None, True),
+            ("ema_decay", 0, 1, False),
+            ("p_uncond", 0, 1, False),
+        ):
             setattr(self, k, check_number(getattr(self, k), k, lo, hi, lo_open=lo_open))
-        for k, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS), ("loss", LOSSES)):
-            if getattr(self, k) not in allowed: raise ValueError(f"{k} must be one of {tuple(allowed)}, got {getattr(self, k)!r}")
+        for k, allowed in (
+            ("schedule", SCHEDULES),
+            ("prediction", PREDICTIONS),
+            ("loss", LOSSES),
+        ):
+            if getattr(self, k) not in allowed:
+                raise ValueError(
+                    f"{k} must be one of {tuple(allowed)}, got {getattr(self, k)!r}"
+                )
         for k in ("amp", "compile", "class_conditional"):
-            if not isinstance(getattr(self, k), bool): raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")
+            if not isinstance(getattr(self, k), bool):
+                raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")
         for k in ("data", "model", "device"):
-            if not isinstance(getattr(self, k), str) or not getattr(self, k): raise ValueError(f"{k} must be a non-empty string, got {getattr(self, k)!r}")
-        if not isinstance(self.model_kwargs, dict): raise ValueError(f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}")
-        try: json.dumps(self.model_kwargs)
-        except TypeError as e: raise ValueError(f"model_kwargs must be JSON-serialisable: {e}") from None
-        try: get_beta_schedule(self.schedule, self.num_timesteps)
-        except ValueError as e: raise ValueError(f"schedule={self.schedule!r} cannot take num_timesteps={self.num_timesteps}: {e}") from None
+            if not isinstance(getattr(self, k), str) or not getattr(self, k):
+                raise ValueError(
+                    f"{k} must be a non-empty string, got {getattr(self, k)!r}"
+                )
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(
+                f"model_kwargs must be a dict, got {type(self.model_kwargs).__name__}"
+            )
+        try:
+            json.dumps(self.model_kwargs)
+        except TypeError as e:
+            raise ValueError(f"model_kwargs must be JSON-serialisable: {e}") from None
+        try:
+            get_beta_schedule(self.schedule, self.num_timesteps)
+        except ValueError as e:
+            raise ValueError(
+                f"schedule={self.schedule!r} cannot take num_timesteps={self.num_timesteps}: {e}"
+            ) from None
 
-    def to_dict(self) -> dict: return asdict(self)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-    def make_model(self, data_shape: tuple, num_classes: int | None = None) -> nn.Module:
+    def make_model(
+        self, data_shape: tuple, num_classes: int | None = None
+    ) -> nn.Module:
         "The network this config names for examples of `data_shape` (nets.build_model)."
-        return build_model(self.model, data_shape, num_classes, learn_sigma=self.loss == "hybrid",
-                           **self.model_kwargs)
+        return build_model(
+            self.model,
+            data_shape,
+            num_classes,
+            learn_sigma=self.loss == "hybrid",
+            **self.model_kwargs,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        "Build from a dict such as `to_dict()` or a checkpoint's config.json; unknown keys are an error."
+        """Build from a dict such as `to_dict()` or a checkpoint's config.json; unknown keys are an
+        error."""
         unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        if unknown:
+            raise ValueError(
+                f"unknown TrainConfig field(s) {sorted(unknown)}; known: "
+                f"{[f.name for f in fields(cls)]}"
+            )
         return cls(**d)
 
 # %% ../nbs/11_training.ipynb #cdc5db96
 class CheckpointError(ValueError):
     "A checkpoint that is truncated, corrupt or does not fit the run; the message names the file."
 
+
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     "A checkpoint (or one of its files) that does not exist; the message names the path."
+
 
 CKPT_FILES = ("model.safetensors", "ema.safetensors", "state.pt", "config.json")
 
 # %% ../nbs/11_training.ipynb #05ad5e1e
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    "Write bytes so that a crash leaves the old file or the new one, never a mix: temp file, fsync, os.replace."
+    """Write bytes so that a crash leaves the old file or the new one, never a mix: temp file,
+    fsync, os.replace."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError): os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
-    if os.name == "posix":                                  # make the rename itself durable
+    if os.name == "posix":  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
-        try: os.fsync(dfd)
-        finally: os.close(dfd)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
     return path
 
 # %% ../nbs/11_training.ipynb #ee3a54c9
-def save_checkpoint(out_dir: str | os.PathLike,  # the run directory
-                    step: int,                   # optimiser steps done; names the checkpoint ckpt-<step>
-                    model: dict, ema: dict,      # state dicts of the network and of its EMA
-                    state: dict,                 # optimiser, scheduler, RNG states...: tensors, numbers, lists, dicts
-                    config: dict,                # the run's TrainConfig.to_dict()
-                    keep: int = 2,               # checkpoints kept, newest first
-                   ) -> Path:                    # the checkpoint directory
-    "Write out_dir/ckpt-<step>/ file by file atomically, then point out_dir/latest at it, then prune."
-    out = Path(out_dir); ck = out / f"ckpt-{step:08d}"
+def save_checkpoint(
+    out_dir: str | os.PathLike,  # the run directory
+    step: int,  # optimiser steps done; names the checkpoint ckpt-<step>
+    model: dict,
+    ema: dict,  # state dicts of the network and of its EMA
+    state: dict,  # optimiser, scheduler, RNG states...: tensors, numbers, lists, dicts
+    config: dict,  # the run's TrainConfig.to_dict()
+    keep: int = 2,  # checkpoints kept, newest first
+) -> Path:  # the checkpoint directory
+    "Write out_dir/ckpt-<step>/ file by file atomically, then point out_dir/latest at it, then "
+    "prune."
+    out = Path(out_dir)
+    ck = out / f"ckpt-{step:08d}"
     ck.mkdir(parents=True, exist_ok=True)
-    cpu = lambda sd: {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
-    atomic_write(ck / "model.safetensors", _st_save(cpu(model), metadata={"step": str(step)}))
-    atomic_write(ck / "ema.safetensors", _st_save(cpu(ema), metadata={"step": str(step)}))
-    buf = io.BytesIO(); torch.save({**state, "step": step}, buf)
+    cpu = lambda sd: {
+        k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()
+    }
+    atomic_write(
+        ck / "model.safetensors", _st_save(cpu(model), metadata={"step": str(step)})
+    )
+    atomic_write(
+        ck / "ema.safetensors", _st_save(cpu(ema), metadata={"step": str(step)})
+    )
+    buf = io.BytesIO()
+    torch.save({**state, "step": step}, buf)
     atomic_write(ck / "state.pt", buf.getvalue())
     atomic_write(ck / "config.json", json.dumps(config, indent=1).encode())
-    atomic_write(out / "latest", ck.name.encode())          # the commit point: before it, latest is the old checkpoint
+    atomic_write(
+        out / "latest", ck.name.encode()
+    )  # the commit point: before it, latest is the old checkpoint
     older = sorted(d for d in out.glob("ckpt-*") if d.is_dir() and d.name < ck.name)
-    stale = [d for d in out.glob("ckpt-*") if d.is_dir() and d.name > ck.name]  # left by a run that crashed and was resumed earlier
-    for d in older[:max(len(older) - (keep - 1), 0)] + stale:
+    stale = [
+        d for d in out.glob("ckpt-*") if d.is_dir() and d.name > ck.name
+    ]  # left by a run that crashed and was resumed earlier
+    for d in older[: max(len(older) - (keep - 1), 0)] + stale:
         shutil.rmtree(d, ignore_errors=True)
     return ck
 
 # %% ../nbs/11_training.ipynb #33f21192
 def checkpoint_dir(path: str | os.PathLike) -> Path:
-    "The checkpoint a path names: a ckpt-* directory itself, or the one a run directory's `latest` file points to."
+    """The checkpoint a path names: a ckpt-* directory itself, or the one a run directory's `latest`
+    file points to."""
     p = Path(path)
-    if not p.exists(): raise CheckpointNotFoundError(f"{p}: no such checkpoint or run directory")
+    if not p.exists():
+        raise CheckpointNotFoundError(f"{p}: no such checkpoint or run directory")
     if (p / "latest").is_file():
         name = (p / "latest").read_text().strip()
-        if not name.startswith("ckpt-") or "/" in name or "\\" in name: raise CheckpointError(f"{p / 'latest'}: not a checkpoint name: {name[:80]!r}")
-        if not (p / name).is_dir(): raise CheckpointNotFoundError(f"{p / 'latest'} points to {name}, which does not exist")
+        if not name.startswith("ckpt-") or "/" in name or "\\" in name:
+            raise CheckpointError(
+                f"{p / 'latest'}: not a checkpoint name: {name[:80]!r}"
+            )
+        if not (p / name).is_dir():
+            raise CheckpointNotFoundError(
+                f"{p / 'latest'} points to {name}, which does not exist"
+            )
         return p / name
     if not p.is_dir() or not any((p / f).exists() for f in CKPT_FILES):
-        raise CheckpointNotFoundError(f"{p}: not a checkpoint (no 'latest' file and none of {CKPT_FILES})")
+        raise CheckpointNotFoundError(
+            f"{p}: not a checkpoint (no 'latest' file and none of {CKPT_FILES})"
+        )
     return p
 
+
 def _read_ckpt_file(f: Path):
-    "One checkpoint file through its safe loader; CheckpointError naming the file if it is missing or unreadable."
-    if not f.is_file(): raise CheckpointNotFoundError(f"{f}: missing checkpoint file")
+    """One checkpoint file through its safe loader; CheckpointError naming the file if it is missing
+    or unreadable."""
+    if not f.is_file():
+        raise CheckpointNotFoundError(f"{f}: missing checkpoint file")
     try:
-        if f.suffix == ".safetensors": return _st_load_file(f, device="cpu")
-        if f.suffix == ".pt": return torch.load(f, map_location="cpu", weights_only=True)
+        if f.suffix == ".safetensors":
+            return _st_load_file(f, device="cpu")
+        if f.suffix == ".pt":
+            return torch.load(f, map_location="cpu", weights_only=True)
         return json.loads(f.read_text())
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"{f}: truncated or corrupt checkpoint file ({type(e).__name__}: {msg})") from e
+        raise CheckpointError(
+            f"{f}: truncated or corrupt checkpoint file ({type(e).__name__}: {msg})"
+        ) from e
 
-def load_checkpoint(path: str | os.PathLike,  # a run directory (its latest checkpoint) or a ckpt-* directory
-                   ) -> dict:                 # model, ema (state dicts on the CPU), state, config (dict), path
+
+def load_checkpoint(
+    path: str
+    | os.PathLike,  # a run directory (its latest checkpoint) or a ckpt-* directory
+) -> dict:  # model, ema (state dicts on the CPU), state, config (dict), path
     "Read a checkpoint with safe loaders only: safetensors, JSON and torch.load(weights_only=True)."
     ck = checkpoint_dir(path)
     out = {name.split(".")[0]: _read_ckpt_file(ck / name) for name in CKPT_FILES}
     return {**out, "path": ck}
 
-def load_weights(module: nn.Module,  # the network to fill
-                 sd: dict,           # its state dict, as read from `file`
-                 file: Path,         # where sd came from, for the message
-                ) -> nn.Module:
+
+def load_weights(
+    module: nn.Module,  # the network to fill
+    sd: dict,  # its state dict, as read from `file`
+    file: Path,  # where sd came from, for the message
+) -> nn.Module:
     "load_state_dict(sd) strictly; CheckpointError naming the file if it does not fit."
     try:
         module.load_state_dict(sd)
@@ -196,88 +295,159 @@ def load_weights(module: nn.Module,  # the network to fill
     return module
 
 # %% ../nbs/11_training.ipynb #69f1f8bf
-def setup_distributed(device: str | torch.device = "auto",  # as for pick_device; under torchrun CUDA becomes cuda:LOCAL_RANK
-                     ) -> tuple[int, int, torch.device]:    # rank, world size, this process's device
-    "Join the process group when launched by torchrun (env RANK/WORLD_SIZE/LOCAL_RANK): nccl on CUDA, gloo on the CPU."
+def setup_distributed(
+    device: str
+    | torch.device = "auto",  # as for pick_device; under torchrun CUDA becomes cuda:LOCAL_RANK
+) -> tuple[int, int, torch.device]:  # rank, world size, this process's device
+    "Join the process group when launched by torchrun (env RANK/WORLD_SIZE/LOCAL_RANK): nccl on "
+    "CUDA, gloo on the CPU."
     dev, world = pick_device(device), int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1: return 0, 1, dev
+    if world == 1:
+        return 0, 1, dev
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if dev.type == "cuda": dev = torch.device("cuda", local); torch.cuda.set_device(dev)
-    if not dist.is_initialized(): dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return rank, world, dev
 
 # %% ../nbs/11_training.ipynb #e88d8fe9
 class Trainer:
-    "Algorithm 1 of Ho et al. (2020) with AdamW, warm-up, clipping, EMA, bf16 autocast, torch.compile and DDP."
-    def __init__(self,
-                 config: TrainConfig,
-                 out_dir: str | os.PathLike | None = None,  # checkpoints and log.jsonl go here; None: nothing is written
-                 *,
-                 model: nn.Module | None = None,  # a network to train instead of config.make_model(...)
-                 data: tuple | None = None,       # (x [N, ...], labels [N] or None) instead of load_training_data(config.data)
-                ):
+    """Algorithm 1 of Ho et al. (2020) with AdamW, warm-up, clipping, EMA, bf16 autocast,
+    torch.compile and DDP."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str
+        | os.PathLike
+        | None = None,  # checkpoints and log.jsonl go here; None: nothing is written
+        *,
+        model: nn.Module
+        | None = None,  # a network to train instead of config.make_model(...)
+        data: tuple
+        | None = None,  # (x [N, ...], labels [N] | None) instead of config.data
+    ):
         self.config, self.out_dir = config, None if out_dir is None else Path(out_dir)
         self.rank, self.world, self.device = setup_distributed(config.device)
         x, y = load_training_data(config.data) if data is None else data
-        if config.class_conditional and y is None: raise ValueError(f"class_conditional=True needs labelled data; data={config.data!r} has no labels")
-        self.x, self.y = x.float().to(self.device), None if y is None else y.long().to(self.device)
-        self.num_classes = int(y.max()) + 1 if config.class_conditional else None   # label K is the null class
-        torch.manual_seed(config.seed)                            # the same initial weights on every rank
-        net = config.make_model(tuple(x.shape[1:]), self.num_classes) if model is None else model
+        if config.class_conditional and y is None:
+            raise ValueError(
+                f"class_conditional=True needs labelled data; data={config.data!r} has no labels"
+            )
+        self.x, self.y = (
+            x.float().to(self.device),
+            None if y is None else y.long().to(self.device),
+        )
+        self.num_classes = (
+            int(y.max()) + 1 if config.class_conditional else None
+        )  # label K is the null class
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        net = (
+            config.make_model(tuple(x.shape[1:]), self.num_classes)
+            if model is None
+            else model
+        )
         self._setup(net.to(self.device))
 
 # %% ../nbs/11_training.ipynb #a77ad665
 @patch
 def _setup(self: Trainer, model):
-    "Place the network (DDP, compile), and create the EMA, AdamW with warm-up, the schedule and the generators."
+    """Place the network (DDP, compile), and create the EMA, AdamW with warm-up, the schedule and
+    the generators."""
     cfg = self.config
     self.model, self.step, self.history = model, 0, []
-    self.net = DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None) if self.world > 1 else model
-    if cfg.compile: self.net = torch.compile(self.net)
-    self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0)
+    self.net = (
+        DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == "cuda" else None
+        )
+        if self.world > 1
+        else model
+    )
+    if cfg.compile:
+        self.net = torch.compile(self.net)
+    self.ema = AveragedModel(
+        model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
+    )
+    self.opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    self.lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        self.opt, lambda s: min(1.0, (s + 1) / cfg.warmup) if cfg.warmup else 1.0
+    )
     sched = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
-    self.schedule = sched if self.device.type == "mps" else sched.to(self.device)   # MPS has no float64
-    s_data, s_noise = np.random.SeedSequence([cfg.seed, self.rank]).generate_state(2)   # an independent stream per rank
+    self.schedule = (
+        sched if self.device.type == "mps" else sched.to(self.device)
+    )  # MPS has no float64
+    s_data, s_noise = np.random.SeedSequence([cfg.seed, self.rank]).generate_state(
+        2
+    )  # an independent stream per rank
     self.data_gen = torch.Generator().manual_seed(int(s_data))
     self.noise_gen = torch.Generator(self.device).manual_seed(int(s_noise))
-    self.use_amp = cfg.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()   # bf16: Ampere and newer
+    self.use_amp = (
+        cfg.amp and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )  # bf16: Ampere and newer
 
 # %% ../nbs/11_training.ipynb #2c5bba51
 @patch
-def loss(self: Trainer,
-         x0: torch.Tensor,             # [B, ...] clean data on the device
-         y: torch.Tensor | None = None # [B] labels (null class included) for a class-conditional model
-        ) -> torch.Tensor:             # [B] per-example loss
-    "The config's loss: L_simple on the prediction target, min-SNR-γ weighted, or L_hybrid for a learned variance."
+def loss(
+    self: Trainer,
+    x0: torch.Tensor,  # [B, ...] clean data on the device
+    y: torch.Tensor
+    | None = None,  # [B] labels (null class included) for a class-conditional model
+) -> torch.Tensor:  # [B] per-example loss
+    "The config's loss: L_simple on the prediction target, min-SNR-γ weighted, or L_hybrid for a "
+    "learned variance."
     cfg = self.config
-    kw = dict(prediction=cfg.prediction, weighting="min_snr" if cfg.loss == "min_snr" else None, min_snr_gamma=cfg.min_snr_gamma,
-              model_kwargs=None if y is None else {"y": y}, generator=self.noise_gen)
-    if cfg.loss != "hybrid": return simple_loss(self.net, self.schedule, x0, **kw)
-    return hybrid_loss(self.net, self.schedule, x0, decoder="discretized" if x0.ndim == 4 else "gaussian", **kw)
+    kw = dict(
+        prediction=cfg.prediction,
+        weighting="min_snr" if cfg.loss == "min_snr" else None,
+        min_snr_gamma=cfg.min_snr_gamma,
+        model_kwargs=None if y is None else {"y": y},
+        generator=self.noise_gen,
+    )
+    if cfg.loss != "hybrid":
+        return simple_loss(self.net, self.schedule, x0, **kw)
+    return hybrid_loss(
+        self.net,
+        self.schedule,
+        x0,
+        decoder="discretized" if x0.ndim == 4 else "gaussian",
+        **kw,
+    )
 
 # %% ../nbs/11_training.ipynb #f797c813
 @patch
-def next_batch(self: Trainer) -> tuple[torch.Tensor, torch.Tensor | None]:  # x0 [B, ...], labels [B] or None
-    "Algorithm 1, line 2: x0 ~ q(x0), i.i.d. from the data; labels replaced by the null class with probability p_uncond."
+def next_batch(
+    self: Trainer,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # x0 [B, ...], labels [B] or None
+    "Algorithm 1, line 2: x0 ~ q(x0), i.i.d. from the data; labels replaced by the null class "
+    "with probability p_uncond."
     B = self.config.batch_size
     idx = torch.randint(len(self.x), (B,), generator=self.data_gen).to(self.x.device)
-    if self.num_classes is None: return self.x[idx], None
-    drop = (torch.rand(B, generator=self.data_gen) < self.config.p_uncond).to(self.x.device)
+    if self.num_classes is None:
+        return self.x[idx], None
+    drop = (torch.rand(B, generator=self.data_gen) < self.config.p_uncond).to(
+        self.x.device
+    )
     return self.x[idx], torch.where(drop, self.num_classes, self.y[idx])
 
 # %% ../nbs/11_training.ipynb #d30db720
 @patch
-def train_step(self: Trainer) -> torch.Tensor:  # the batch's mean loss, 0-dim, on the device
+def train_step(
+    self: Trainer,
+) -> torch.Tensor:  # the batch's mean loss, 0-dim, on the device
     "One pass of Algorithm 1: draw x0, t, ε; take a clipped AdamW step on the loss; update the EMA."
     x0, y = self.next_batch()
     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
         loss = self.loss(x0, y).mean()
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
-    if self.config.grad_clip > 0: torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-    self.opt.step(); self.lr_sched.step()
+    if self.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+    self.opt.step()
+    self.lr_sched.step()
     self.ema.update_parameters(self.model)
     self.step += 1
     return loss.detach().float()
@@ -285,40 +455,65 @@ def train_step(self: Trainer) -> torch.Tensor:  # the batch's mean loss, 0-dim, 
 # %% ../nbs/11_training.ipynb #8ba4b17c
 @patch
 def _record(self: Trainer, losses: list, seconds: float, bar):
-    "Average the last steps' losses over ranks, refuse NaN/Inf naming the step, extend the history, log one line."
+    """Average the last steps' losses over ranks, refuse NaN/Inf naming the step, extend the
+    history, log one line."""
     vals = torch.stack(losses)
-    if self.world > 1: dist.all_reduce(vals); vals /= self.world     # NaN on any rank reaches every rank
+    if self.world > 1:
+        dist.all_reduce(vals)
+        vals /= self.world  # NaN on any rank reaches every rank
     vals = vals.cpu().tolist()
     for i, v in enumerate(vals):
         if not math.isfinite(v):
-            raise FloatingPointError(f"the training loss became {v} at step {self.step - len(vals) + i + 1}; lower the learning rate "
-                                     f"(lr={self.config.lr:g}), lengthen the warm-up or keep gradient clipping on, then resume from the last checkpoint")
+            raise FloatingPointError(
+                f"the training loss became {v} at step {self.step - len(vals) + i + 1}; lower the "
+                "learning rate "
+                f"(lr={self.config.lr:g}), lengthen the warm-up or keep gradient clipping on, then "
+                "resume from the last checkpoint"
+            )
     self.history += vals
     rate = len(vals) / max(seconds, 1e-9)
-    rec = dict(step=self.step, loss=sum(vals) / len(vals), lr=self.lr_sched.get_last_lr()[0], steps_per_s=rate,
-               images_per_s=rate * self.config.batch_size * self.world)
-    bar.update(len(vals)); bar.set_postfix(loss=f"{rec['loss']:.4f}", img_per_s=f"{rec['images_per_s']:.0f}")
+    rec = dict(
+        step=self.step,
+        loss=sum(vals) / len(vals),
+        lr=self.lr_sched.get_last_lr()[0],
+        steps_per_s=rate,
+        images_per_s=rate * self.config.batch_size * self.world,
+    )
+    bar.update(len(vals))
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", img_per_s=f"{rec['images_per_s']:.0f}")
     if self.rank == 0 and self.out_dir is not None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "log.jsonl", "a") as f: f.write(json.dumps(rec) + "\n")
+        with open(self.out_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 # %% ../nbs/11_training.ipynb #a3b68973
 @patch
-def fit(self: Trainer,
-        steps: int | None = None,  # train this many more steps; None: up to config.steps
-        progress: bool = True,     # show a tqdm bar (rank 0 only)
-       ) -> list[float]:           # the loss history, one number per step since the start of the run
-    "Train, logging every log_every steps and checkpointing (rank 0) every ckpt_every steps and at the end."
+def fit(
+    self: Trainer,
+    steps: int | None = None,  # train this many more steps; None: up to config.steps
+    progress: bool = True,  # show a tqdm bar (rank 0 only)
+) -> list[float]:  # the loss history, one number per step since the start of the run
+    "Train, logging every log_every steps and checkpointing (rank 0) every ckpt_every steps and "
+    "at the end."
     cfg = self.config
     end = cfg.steps if steps is None else self.step + check_int(steps, "steps", 0)
-    bar = tqdm(total=max(end, self.step), initial=self.step, unit="step", disable=not progress or self.rank != 0)
+    bar = tqdm(
+        total=max(end, self.step),
+        initial=self.step,
+        unit="step",
+        disable=not progress or self.rank != 0,
+    )
     losses, t0 = [], time.perf_counter()
     while self.step < end:
         losses.append(self.train_step())
-        ckpt = self.out_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == end)
+        ckpt = self.out_dir is not None and (
+            self.step % cfg.ckpt_every == 0 or self.step == end
+        )
         if len(losses) == cfg.log_every or ckpt or self.step == end:
-            self._record(losses, time.perf_counter() - t0, bar); losses = []
-            if ckpt: self.save()
+            self._record(losses, time.perf_counter() - t0, bar)
+            losses = []
+            if ckpt:
+                self.save()
             t0 = time.perf_counter()
     bar.close()
     return self.history
@@ -327,96 +522,184 @@ def fit(self: Trainer,
 @patch
 def _rng_states(self: Trainer) -> list[dict]:
     "Every random state the run consumes, one dict per rank (gathered to all ranks)."
-    mine = dict(torch=torch.get_rng_state(), data=self.data_gen.get_state(), noise=self.noise_gen.get_state(), noise_device=self.device.type)
-    if self.device.type == "cuda": mine["cuda"] = torch.cuda.get_rng_state(self.device)
-    if self.world == 1: return [mine]
-    out = [None] * self.world; dist.all_gather_object(out, mine)
+    mine = dict(
+        torch=torch.get_rng_state(),
+        data=self.data_gen.get_state(),
+        noise=self.noise_gen.get_state(),
+        noise_device=self.device.type,
+    )
+    if self.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(self.device)
+    if self.world == 1:
+        return [mine]
+    out = [None] * self.world
+    dist.all_gather_object(out, mine)
     return out
 
+
 @patch
-def save(self: Trainer) -> Path | None:  # the checkpoint directory on rank 0, None on other ranks
-    "Checkpoint the run (collective under DDP; only rank 0 writes): weights, EMA, optimiser, scheduler, step, history, RNG states, config."
-    if self.out_dir is None: raise ValueError("this Trainer has out_dir=None; give it a directory to save checkpoints")
+def save(
+    self: Trainer,
+) -> Path | None:  # the checkpoint directory on rank 0, None on other ranks
+    "Checkpoint the run (collective under DDP; only rank 0 writes): weights, EMA, optimiser, "
+    "scheduler, step, history, RNG states, config."
+    if self.out_dir is None:
+        raise ValueError(
+            "this Trainer has out_dir=None; give it a directory to save checkpoints"
+        )
     rng = self._rng_states()
-    if self.rank != 0: return None
-    state = dict(optimizer=self.opt.state_dict(), lr_scheduler=self.lr_sched.state_dict(), ema_n_averaged=self.ema.n_averaged.cpu(),
-                 history=torch.tensor(self.history, dtype=torch.float64), rng=rng, world_size=self.world,
-                 data_shape=list(self.x.shape[1:]), num_classes=self.num_classes)
-    return save_checkpoint(self.out_dir, self.step, self.model.state_dict(), self.ema.module.state_dict(), state, self.config.to_dict())
+    if self.rank != 0:
+        return None
+    state = dict(
+        optimizer=self.opt.state_dict(),
+        lr_scheduler=self.lr_sched.state_dict(),
+        ema_n_averaged=self.ema.n_averaged.cpu(),
+        history=torch.tensor(self.history, dtype=torch.float64),
+        rng=rng,
+        world_size=self.world,
+        data_shape=list(self.x.shape[1:]),
+        num_classes=self.num_classes,
+    )
+    return save_checkpoint(
+        self.out_dir,
+        self.step,
+        self.model.state_dict(),
+        self.ema.module.state_dict(),
+        state,
+        self.config.to_dict(),
+    )
 
 # %% ../nbs/11_training.ipynb #dddfca0f
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "device", "amp", "compile")
 
+
 @patch
 def load(self: Trainer, path: str | os.PathLike) -> Trainer:
-    "Resume exactly: weights, EMA, optimiser, scheduler, step, history and RNG states; CheckpointError if the checkpoint does not fit."
-    ck = load_checkpoint(path); cfile, sfile = ck["path"] / "config.json", ck["path"] / "state.pt"
-    diff = {k: (v, getattr(self.config, k, None)) for k, v in ck["config"].items() if k not in RESUMABLE_CHANGES and getattr(self.config, k, None) != v}
-    if diff: raise CheckpointError(f"{cfile}: the run's config differs from the checkpoint's in " + ", ".join(f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items()))
+    """Resume exactly: weights, EMA, optimiser, scheduler, step, history and RNG states;
+    CheckpointError if the checkpoint does not fit."""
+    ck = load_checkpoint(path)
+    cfile, sfile = ck["path"] / "config.json", ck["path"] / "state.pt"
+    diff = {
+        k: (v, getattr(self.config, k, None))
+        for k, v in ck["config"].items()
+        if k not in RESUMABLE_CHANGES and getattr(self.config, k, None) != v
+    }
+    if diff:
+        raise CheckpointError(
+            f"{cfile}: the run's config differs from the checkpoint's in "
+            + ", ".join(
+                f"{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items()
+            )
+        )
     load_weights(self.model, ck["model"], ck["path"] / "model.safetensors")
     load_weights(self.ema.module, ck["ema"], ck["path"] / "ema.safetensors")
     st = ck["state"]
     try:
-        self.opt.load_state_dict(st["optimizer"]); self.lr_sched.load_state_dict(st["lr_scheduler"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.lr_sched.load_state_dict(st["lr_scheduler"])
         self.ema.n_averaged.copy_(st["ema_n_averaged"])
         self.step, self.history = int(st["step"]), st["history"].tolist()
         self._set_rng_states(st["rng"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as e: raise CheckpointError(f"{sfile}: does not fit the run ({type(e).__name__}: {e})") from None
-    if self.rank == 0 and self.out_dir is not None and (self.out_dir / "log.jsonl").is_file(): self._trim_log()
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(
+            f"{sfile}: does not fit the run ({type(e).__name__}: {e})"
+        ) from None
+    if (
+        self.rank == 0
+        and self.out_dir is not None
+        and (self.out_dir / "log.jsonl").is_file()
+    ):
+        self._trim_log()
     return self
+
 
 @patch
 def _trim_log(self: Trainer):
     "Drop log lines written after the checkpoint we resume from (and a line cut short by a crash)."
+
     def keep(line):
-        try: return json.loads(line)["step"] <= self.step
-        except (ValueError, KeyError, TypeError): return False
+        try:
+            return json.loads(line)["step"] <= self.step
+        except (ValueError, KeyError, TypeError):
+            return False
+
     lines = (self.out_dir / "log.jsonl").read_text().splitlines(keepends=True)
-    atomic_write(self.out_dir / "log.jsonl", "".join(l for l in lines if l.endswith("\n") and keep(l)).encode())
+    atomic_write(
+        self.out_dir / "log.jsonl",
+        "".join(l for l in lines if l.endswith("\n") and keep(l)).encode(),
+    )
 
 # %% ../nbs/11_training.ipynb #5afcc8a1
 @patch
 def _set_rng_states(self: Trainer, rngs: list):
-    "Restore this rank's random states from a checkpoint; warn (and keep the seeded streams) if they cannot be."
+    """Restore this rank's random states from a checkpoint; warn (and keep the seeded streams) if
+    they cannot be."""
     if len(rngs) != self.world:
-        warnings.warn(f"checkpoint was written by {len(rngs)} process(es), this run has {self.world}: "
-                      "random streams restart from the seed, so the resumed run is not bit-identical to an uninterrupted one")
+        warnings.warn(
+            f"checkpoint was written by {len(rngs)} process(es), this run has {self.world}: "
+            "random streams restart from the seed, so the resumed run is not bit-identical to an "
+            "uninterrupted one"
+        )
         return
     mine = rngs[self.rank]
-    torch.set_rng_state(mine["torch"]); self.data_gen.set_state(mine["data"])
-    if mine["noise_device"] == self.device.type: self.noise_gen.set_state(mine["noise"])
-    else: warnings.warn(f"checkpoint's noise generator ran on {mine['noise_device']}, this run on {self.device.type}: the noise stream restarts from the seed")
-    if self.device.type == "cuda" and "cuda" in mine: torch.cuda.set_rng_state(mine["cuda"], self.device)
+    torch.set_rng_state(mine["torch"])
+    self.data_gen.set_state(mine["data"])
+    if mine["noise_device"] == self.device.type:
+        self.noise_gen.set_state(mine["noise"])
+    else:
+        warnings.warn(
+            f"checkpoint's noise generator ran on {mine['noise_device']}, this run on "
+            f"{self.device.type}: the noise stream restarts from the seed"
+        )
+    if self.device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], self.device)
 
 # %% ../nbs/11_training.ipynb #024c1745
-def train(out_dir: str | os.PathLike,  # run directory: checkpoints (ckpt-*/, latest) and log.jsonl
-          *,
-          resume: bool = False,        # continue the run in out_dir from its latest checkpoint
-          progress: bool = True,       # show a progress bar
-          **config,                    # TrainConfig fields; on resume they override the saved config
-         ) -> Trainer:
-    "Run or resume a training run in out_dir, as the CLI's `train` command does; never overwrites a run unasked."
+def train(
+    out_dir: str
+    | os.PathLike,  # run directory: checkpoints (ckpt-*/, latest) and log.jsonl
+    *,
+    resume: bool = False,  # continue the run in out_dir from its latest checkpoint
+    progress: bool = True,  # show a progress bar
+    **config,  # TrainConfig fields; on resume they override the saved config
+) -> Trainer:
+    """Run or resume a training run in out_dir, as the CLI's `train` command does; never overwrites
+    a run unasked."""
     out = Path(out_dir)
     if (out / "latest").is_file() and not resume:
-        raise ValueError(f"out_dir={str(out)!r} already holds a checkpoint; resume it (resume=True, --resume) or choose another directory")
+        raise ValueError(
+            f"out_dir={str(out)!r} already holds a checkpoint; resume it (resume=True, --resume) "
+            "or choose another directory"
+        )
     if resume:
-        if not (out / "latest").is_file(): raise CheckpointNotFoundError(f"{out / 'latest'}: no checkpoint to resume")
-        config = {**_read_ckpt_file(checkpoint_dir(out) / "config.json"), "device": "auto", **config}
+        if not (out / "latest").is_file():
+            raise CheckpointNotFoundError(f"{out / 'latest'}: no checkpoint to resume")
+        config = {
+            **_read_ckpt_file(checkpoint_dir(out) / "config.json"),
+            "device": "auto",
+            **config,
+        }
         trainer = Trainer(TrainConfig.from_dict(config), out).load(out)
-    else: trainer = Trainer(TrainConfig(**config), out)
+    else:
+        trainer = Trainer(TrainConfig(**config), out)
     trainer.fit(progress=progress)
     return trainer
 
 # %% ../nbs/11_training.ipynb #be5ffe73
-def load_trained(path: str | os.PathLike,       # a run directory or a ckpt-* directory
-                 *,
-                 ema: bool = True,              # the EMA weights (what one samples from) or the raw ones
-                 device: str | torch.device = "cpu",
-                ) -> tuple[nn.Module, TrainConfig]:  # the network in eval mode, and its run's config
+def load_trained(
+    path: str | os.PathLike,  # a run directory or a ckpt-* directory
+    *,
+    ema: bool = True,  # the EMA weights (what one samples from) or the raw ones
+    device: str | torch.device = "cpu",
+) -> tuple[nn.Module, TrainConfig]:  # the network in eval mode, and its run's config
     "Rebuild a checkpoint's network with TrainConfig.make_model and load its weights."
     ck = load_checkpoint(path)
-    try: cfg = TrainConfig.from_dict(ck["config"])
-    except (ValueError, TypeError) as e: raise CheckpointError(f"{ck['path'] / 'config.json'}: not a valid TrainConfig ({e})") from None
+    try:
+        cfg = TrainConfig.from_dict(ck["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{ck['path'] / 'config.json'}: not a valid TrainConfig ({e})"
+        ) from None
     model = cfg.make_model(tuple(ck["state"]["data_shape"]), ck["state"]["num_classes"])
     name = "ema" if ema else "model"
     load_weights(model, ck[name], ck["path"] / f"{name}.safetensors")

@@ -90,3 +90,21 @@ def test_wheel_metadata_and_import_from_anywhere(tmp_path):
                          cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(target)},
                          capture_output=True, text=True, check=True).stdout.split()
     assert out[0] == cfg["version"] and out[1].startswith(str(target))
+
+
+def test_exported_modules_read_as_plain_python():
+    "Lines ≤ 100 characters (the `__all__` list nbdev wraps at 120 aside) and no module attribute set to None by @patch."
+    import importlib
+    too_long = []
+    for f in sorted((ROOT / "simple_diffusion").glob("*.py")):
+        if f.name == "_modidx.py":
+            continue
+        in_all = False
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            in_all = line.startswith("__all__") or (in_all and line.startswith(" "))
+            if len(line) > 100 and not in_all:
+                too_long.append(f"{f.name}:{i}")
+        mod = importlib.import_module(f"simple_diffusion.{f.stem}")
+        nones = [k for k, v in vars(mod).items() if v is None and not k.startswith("_")]
+        assert not nones, (f.name, nones)
+    assert not too_long, too_long
