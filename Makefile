@@ -8,7 +8,7 @@ TORCH  ?= torch
 PYTEST_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install export check-sync lint format pytest nbval book book-build test wheel clean strip
+.PHONY: install export check-sync lint format pytest nbval book book-build screens test wheel clean strip
 
 $(STAMP): settings.ini setup.py pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +52,9 @@ book-build: install        ## the book from the current module (no export: safe 
 # any failure still fails `make test`.
 test: check-sync lint
 	$(MAKE) -j2 -O pytest nbval book-build
+
+screens:                   ## screenshot every page of _build/html and measure over-wide maths (needs chromium + playwright)
+	$(PY) scripts/screenshot_book.py --html _build/html --out _build/screens
 
 wheel: install             ## sdist + wheel into dist/
 	rm -rf dist build

@@ -312,8 +312,7 @@ _COMMANDS = {
 
 
 def main(
-    argv: list[str]
-    | None = None,  # the arguments after the program name; None: sys.argv[1:]
+    argv: list[str] | None = None,  # the arguments after the program name; None: sys.argv[1:]
 ) -> int:  # the exit status
     "Entry point of the `simple-diffusion` console script."
     parser = build_parser()

@@ -24,8 +24,7 @@ def load_digits(
     test_fraction: float = 0.2,  # share of each class held out, in (0, 1)
     seed: int = 0,  # seed of the stratified train/test split
     pad: int = 0,  # pixels of background (-1) added on every side, >= 0
-    size: int
-    | None = None,  # resize (after padding) to size x size, bilinear; None keeps it
+    size: int | None = None,  # resize (after padding) to size x size, bilinear; None keeps it
 ) -> tuple[
     torch.Tensor, torch.Tensor
 ]:  # images [N, 1, H, W] float32 in [-1, 1], labels [N] long
@@ -192,8 +191,7 @@ def make_toy(
 
 # %% ../nbs/01_data.ipynb #5ee867a1
 def load_npy_images(
-    path: str
-    | os.PathLike,  # an .npy file: [N, H, W] or [N, C, H, W], uint8 0..255 or float in [-1, 1]
+    path: str | os.PathLike,  # .npy: [N, H, W] or [N, C, H, W], uint8 or float in [-1, 1]
 ) -> torch.Tensor:  # [N, C, H, W] float32 in [-1, 1]
     "Read and validate an array of images from an .npy file (never unpickling it)."
     p = Path(path)

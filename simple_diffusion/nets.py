@@ -102,8 +102,7 @@ class MLPDenoiser(nn.Module):
         hidden: int = 128,  # width of every hidden layer
         depth: int = 3,  # number of residual blocks, >= 0
         time_dim: int = 64,  # width d of the sinusoidal timestep embedding
-        num_classes: int
-        | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
+        num_classes: int | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
         learn_sigma: bool = False,  # also output D variance numbers: [B, 2D]
     ):
         super().__init__()
@@ -297,8 +296,7 @@ class UNet(nn.Module):
     def __init__(
         self,
         in_channels: int = 1,  # C of the images
-        out_channels: int
-        | None = None,  # channels of the prediction; None: in_channels
+        out_channels: int | None = None,  # channels of the prediction; None: in_channels
         base_channels: int = 32,  # width of the first level; the time embedding is 4x this
         channel_mults: tuple = (
             1,
@@ -306,11 +304,9 @@ class UNet(nn.Module):
             2,
         ),  # width multiplier per level; H, W divisible by 2^(len-1)
         num_res_blocks: int = 2,  # ResBlocks per level on the way down (one more on the way up)
-        attention_levels: tuple
-        | None = None,  # levels (0 = full resolution) with attention; None: the lowest only
+        attention_levels: tuple | None = None,  # levels with attention (0 = full res.); None: lowest
         dropout: float = 0.0,  # dropout inside every ResBlock
-        num_classes: int
-        | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
+        num_classes: int | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
         learn_sigma: bool = False,  # double the output channels: ε and the variance numbers
         num_groups: int = 8,  # GroupNorm groups; must divide every level's width
         num_heads: int = 4,  # attention heads; must divide the width where attention is
@@ -394,8 +390,7 @@ def forward(
     self: UNet,
     x: torch.Tensor,  # [B, in_channels, H, W]; H and W divisible by 2^(len(channel_mults)-1)
     t: torch.Tensor,  # [B] timesteps (code index 0 … T-1; floats allowed)
-    y: torch.Tensor
-    | None = None,  # [B] labels in [0, num_classes]; num_classes or None = unconditional
+    y: torch.Tensor | None = None,  # [B] labels in [0, K]; K or None: unconditional
 ) -> torch.Tensor:  # [B, out_channels, H, W], x's dtype (or the autocast dtype)
     "Predict ε (and the variance numbers when learn_sigma) with the U-Net, Eqs. "
     "(eq-nets-resblock), (eq-nets-attention)."

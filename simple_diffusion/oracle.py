@@ -175,8 +175,7 @@ def __call__(
     self: GaussianMixtureOracle,
     x_t: torch.Tensor,  # [B, ...] noised data, mixture.dim numbers per example
     t: torch.Tensor,  # [B] integer steps in [0, T)
-    y: torch.Tensor
-    | None = None,  # [B] component indices: the exact class-conditional model
+    y: torch.Tensor | None = None,  # [B] component indices: the exact class-conditional model
 ) -> torch.Tensor:  # like x_t ([B, 2C, ...] with learned_range), x_t's dtype and device
     "The exact prediction ε*, E[x0|x_t] or v* for x_t, Eq. (eq-oracle-eps)."
     x, x0, var = self._posterior(x_t, t, y)

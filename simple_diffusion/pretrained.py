@@ -30,8 +30,7 @@ def _card_path(name: str, directory: str | os.PathLike | None) -> Path:
 
 
 def available(
-    directory: str
-    | os.PathLike
+    directory: str | os.PathLike
     | None = None,  # a folder of cards and weights; default: the package's
 ) -> list[str]:  # names accepted by load(), sorted
     "Names of the shipped diffusion models: every <name>.json card with a train_config and its "
@@ -61,8 +60,7 @@ def load(
     name: str,  # one of available()
     *,
     device: str | torch.device = "cpu",  # as for pick_device
-    directory: str
-    | os.PathLike
+    directory: str | os.PathLike
     | None = None,  # where the files are; default: the package's weights
 ) -> tuple[
     nn.Module, NoiseSchedule, TrainConfig
@@ -79,15 +77,13 @@ def load(
 
 # %% ../nbs/13_pretrained.ipynb #a8c90368
 def export_pretrained(
-    run_dir: str
-    | os.PathLike,  # a training run directory (its latest checkpoint is used)
+    run_dir: str | os.PathLike,  # a training run directory (its latest checkpoint is used)
     name: str,  # the model's name: files <name>.safetensors and <name>.json
     *,
     command: str,  # the exact command that trained it
     train_seconds: float,  # wall-clock time of that command
     description: str = "",
-    directory: str
-    | os.PathLike
+    directory: str | os.PathLike
     | None = None,  # where to write; default: the package's weights
 ) -> Path:  # the safetensors file written
     "Ship a run: its EMA weights as safetensors and a JSON card (config, data shape, command, "

@@ -272,8 +272,7 @@ def _read_ckpt_file(f: Path):
 
 
 def load_checkpoint(
-    path: str
-    | os.PathLike,  # a run directory (its latest checkpoint) or a ckpt-* directory
+    path: str | os.PathLike,  # a run directory (its latest checkpoint) or a ckpt-* directory
 ) -> dict:  # model, ema (state dicts on the CPU), state, config (dict), path
     "Read a checkpoint with safe loaders only: safetensors, JSON and torch.load(weights_only=True)."
     ck = checkpoint_dir(path)
@@ -296,8 +295,7 @@ def load_weights(
 
 # %% ../nbs/11_training.ipynb #69f1f8bf
 def setup_distributed(
-    device: str
-    | torch.device = "auto",  # as for pick_device; under torchrun CUDA becomes cuda:LOCAL_RANK
+    device: str | torch.device = "auto",  # as pick_device; torchrun: cuda:LOCAL_RANK
 ) -> tuple[int, int, torch.device]:  # rank, world size, this process's device
     "Join the process group when launched by torchrun (env RANK/WORLD_SIZE/LOCAL_RANK): nccl on "
     "CUDA, gloo on the CPU."
@@ -320,14 +318,11 @@ class Trainer:
     def __init__(
         self,
         config: TrainConfig,
-        out_dir: str
-        | os.PathLike
+        out_dir: str | os.PathLike
         | None = None,  # checkpoints and log.jsonl go here; None: nothing is written
         *,
-        model: nn.Module
-        | None = None,  # a network to train instead of config.make_model(...)
-        data: tuple
-        | None = None,  # (x [N, ...], labels [N] | None) instead of config.data
+        model: nn.Module | None = None,  # a network to train instead of config.make_model(...)
+        data: tuple | None = None,  # (x [N, ...], labels [N] | None) instead of config.data
     ):
         self.config, self.out_dir = config, None if out_dir is None else Path(out_dir)
         self.rank, self.world, self.device = setup_distributed(config.device)
@@ -394,12 +389,14 @@ def _setup(self: Trainer, model):
 def loss(
     self: Trainer,
     x0: torch.Tensor,  # [B, ...] clean data on the device
-    y: torch.Tensor
-    | None = None,  # [B] labels (null class included) for a class-conditional model
+    y: torch.Tensor | None = None,  # [B] labels (null class included), class-conditional
+    *,
+    model: nn.Module | None = None,  # whose loss: default the trained network; e.g. the EMA's
 ) -> torch.Tensor:  # [B] per-example loss
-    "The config's loss: L_simple on the prediction target, min-SNR-γ weighted, or L_hybrid for a "
-    "learned variance."
+    """The config's loss: L_simple on the prediction target, min-SNR-γ weighted, or L_hybrid for a
+    learned variance (Ho et al. 2020, Eq. 14; Nichol & Dhariwal 2021, Eq. 16)."""
     cfg = self.config
+    net = self.net if model is None else model
     kw = dict(
         prediction=cfg.prediction,
         weighting="min_snr" if cfg.loss == "min_snr" else None,
@@ -408,14 +405,9 @@ def loss(
         generator=self.noise_gen,
     )
     if cfg.loss != "hybrid":
-        return simple_loss(self.net, self.schedule, x0, **kw)
-    return hybrid_loss(
-        self.net,
-        self.schedule,
-        x0,
-        decoder="discretized" if x0.ndim == 4 else "gaussian",
-        **kw,
-    )
+        return simple_loss(net, self.schedule, x0, **kw)
+    decoder = "discretized" if x0.ndim == 4 else "gaussian"
+    return hybrid_loss(net, self.schedule, x0, decoder=decoder, **kw)
 
 # %% ../nbs/11_training.ipynb #f797c813
 @patch
@@ -656,8 +648,7 @@ def _set_rng_states(self: Trainer, rngs: list):
 
 # %% ../nbs/11_training.ipynb #024c1745
 def train(
-    out_dir: str
-    | os.PathLike,  # run directory: checkpoints (ckpt-*/, latest) and log.jsonl
+    out_dir: str | os.PathLike,  # run directory: checkpoints (ckpt-*/, latest) and log.jsonl
     *,
     resume: bool = False,  # continue the run in out_dir from its latest checkpoint
     progress: bool = True,  # show a progress bar

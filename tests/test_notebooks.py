@@ -51,3 +51,21 @@ def test_chapter_anatomy(nb):
 def test_no_cuda_calls_in_library():
     for f in (ROOT / "simple_diffusion").glob("*.py"):
         assert ".cuda()" not in f.read_text(), f"{f.name}: device must follow the inputs"
+
+
+@pytest.mark.parametrize("nb", NBS + sorted((ROOT / "nbs").glob("*.md")), ids=lambda p: p.name)
+def test_no_control_characters(nb):
+    "A non-raw Python string on the way into a notebook turns \\a, \\b, \\f, \\t of TeX into control characters."
+    text = nb.read_text()
+    sources = [src(c) for c in cells(nb)] if nb.suffix == ".ipynb" else [text]
+    for i, s in enumerate(sources):
+        bad = re.findall(r"[\x00-\x08\x0b-\x1f]", s) + re.findall(r"\t(?:imes|ilde|ext|heta|au|op|riangle)", s)
+        assert not bad, f"{nb.name}: cell {i} holds {sorted(set(map(repr, bad)))} (a TeX command lost its backslash?)"
+
+
+@pytest.mark.parametrize("nb", NBS, ids=lambda p: p.name)
+def test_display_maths_typesets_in_colab_too(nb):
+    "```{math} blocks are MyST-only and show as raw text in Jupyter/Colab; $$ ... $$ (label) renders in both."
+    for i, c in enumerate(cells(nb)):
+        if c["cell_type"] == "markdown":
+            assert "```{math}" not in src(c), f"{nb.name}: cell {i} uses a ```{{math}} block; use $$ … $$ (label)"
