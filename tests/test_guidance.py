@@ -119,6 +119,20 @@ def test_learned_variance_channels_are_the_conditional_models():
     assert torch.isfinite(xs).all()
 
 
+def test_interval_guidance():
+    "Guidance only for code t in [lo, hi]: outside it the conditional output itself, inside it plain CFG."
+    x, t, y = points()
+    inside = (t >= 200) & (t <= 700)
+    out = ClassifierFreeGuidance(ORACLE, 2.0, interval=(200, 700))(x, t, y)
+    assert torch.equal(out[~inside], ORACLE(x[~inside], t[~inside], y[~inside]))
+    assert torch.allclose(out[inside], ClassifierFreeGuidance(ORACLE, 2.0)(x, t, y)[inside], rtol=0, atol=1e-12)
+    assert torch.equal(ClassifierFreeGuidance(ORACLE, 2.0, interval=(0, 999))(x, t, y),
+                       ClassifierFreeGuidance(ORACLE, 2.0)(x, t, y))
+    for bad in ((5,), (700, 200), (-1, 3), "all", (0.5, 3)):
+        with pytest.raises(ValueError, match="interval"):
+            ClassifierFreeGuidance(ORACLE, 1.0, interval=bad)
+
+
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_cfg_is_affine_in_every_prediction(prediction):
     x, t, y = points()
