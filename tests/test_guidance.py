@@ -128,6 +128,11 @@ def test_interval_guidance():
     assert torch.allclose(out[inside], ClassifierFreeGuidance(ORACLE, 2.0)(x, t, y)[inside], rtol=0, atol=1e-12)
     assert torch.equal(ClassifierFreeGuidance(ORACLE, 2.0, interval=(0, 999))(x, t, y),
                        ClassifierFreeGuidance(ORACLE, 2.0)(x, t, y))
+    lab = torch.arange(3).repeat(4)
+    kw = dict(steps=10, generator=torch.Generator().manual_seed(0))
+    a = guided_sample(ORACLE, SCHED, (12, 2), lab, 2.0, interval=(1000, 1000), **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    assert torch.equal(a, guided_sample(ORACLE, SCHED, (12, 2), lab, 0.0, **kw))   # never inside: w = 0
     for bad in ((5,), (700, 200), (-1, 3), "all", (0.5, 3)):
         with pytest.raises(ValueError, match="interval"):
             ClassifierFreeGuidance(ORACLE, 1.0, interval=bad)
