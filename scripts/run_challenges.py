@@ -1,14 +1,17 @@
 """The full measurements of the chapter "Frontiers: the three challenges measured" (nbs/40_challenges.ipynb).
 
-Writes benchmarks/results/challenges.json (with the command, the date and the machine), which the chapter reads:
+Writes benchmarks/results/challenges.json and challenges_efficiency.json (each with the command, the date and the
+machine), which the chapter reads:
 mode coverage of a DDPM, a GAN and PacGAN4 on the 25-Gaussian grid and the 8-Gaussian ring (VEEGAN/PacGAN
 protocol, several seeds), where diffusion loses modes (NFE, training length, tiny data), sampling efficiency
 (oracle error and digits FID vs NFE and wall time, progressive distillation 64 -> 4 of the digits U-Net),
 and computational cost (parameters, FLOPs per call, training throughput and activation memory, fitted exponents).
 
-    OMP_NUM_THREADS=1 python scripts/run_challenges.py [--seeds 5] [--steps 1500] [--quick]
+    OMP_NUM_THREADS=1 python scripts/run_challenges.py --only cost,coverage,failure --out challenges.json
+    OMP_NUM_THREADS=1 python scripts/run_challenges.py --only efficiency --out challenges_efficiency.json
 
-It takes about an hour on one shared CPU core; --quick runs every code path in a few minutes (not for the book).
+Together they take about 15 CPU-minutes (longer on a loaded machine); --quick runs every code path in a few minutes
+(not for the book). The two commands may run at the same time: they write different files.
 """
 import argparse
 import datetime
@@ -33,7 +36,8 @@ from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.sampling import SpacedSchedule, sample
 from simple_diffusion.schedules import NoiseSchedule
 
-OUT = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "challenges.json"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+OUT = RESULTS / "challenges.json"
 
 
 def write(res):
@@ -80,36 +84,36 @@ def cost(res, quick):
     c["activation_vs_res_exponent"] = fit_power_law([d["res"] for d in at64], [d["activation_mb"] for d in at64])[0]
 
 
-def coverage(res, seeds, steps, quick):
+def coverage(res, seeds, steps, hidden, quick):
     res["coverage"] = {}
     for name, mix in (("grid25", grid25()), ("ring8", ring8())):
         samplers = (("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 20), ("ddim", 10)) if not quick else (("ddim", 20),)
-        rows = compare_coverage(mix, seeds, steps=steps, batch_size=256, hidden=128, depth=3, samplers=samplers)
+        rows = compare_coverage(mix, seeds, steps=steps, batch_size=256, hidden=hidden, depth=3, samplers=samplers)
         res["coverage"][name] = dict(rows=rows, summary=summarise(rows))
         log("coverage", name, {k: round(v["modes"][0], 1) for k, v in res["coverage"][name]["summary"].items()})
         write(res)
 
 
-def failure_modes(res, seeds, steps, quick):
+def failure_modes(res, seeds, steps, hidden, quick):
     mix = grid25()
     f = res["failure"] = dict(nfe=[], training=[], tiny=[])
     nfes = (1, 2, 5, 10, 20, 50, 100) if not quick else (2, 10)
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         z, mean, scale = standardise(mix.sample(20000, g)[0])
-        model, sched = train_ddpm(z, steps=steps, seed=seed)
+        model, sched = train_ddpm(z, steps=steps, hidden=hidden, seed=seed)
         for smp in ("ddim", "ddpm", "dpmpp2m"):
             for n in nfes:
                 y = sample(model, sched, (2500, 2), smp, steps=n, generator=g).double() * scale + mean
                 f["nfe"].append(dict(sampler=smp, nfe=n, seed=seed, **mode_coverage(y, mix)))
         for s in ((100, 300, 1000, 3000) if not quick else (50, 100)):
-            m, sc = train_ddpm(z, steps=s, seed=seed)
+            m, sc = train_ddpm(z, steps=s, hidden=hidden, seed=seed)
             y = sample(m, sc, (2500, 2), "ddim", steps=50, generator=g).double() * scale + mean
             f["training"].append(dict(steps=s, seed=seed, **mode_coverage(y, mix)))
         for n in ((5, 25, 100, 1000) if not quick else (5, 100)):
             xt, comp = mix.sample(n, g)
             zt = ((xt - mean) / scale).float()
-            m, sc = train_ddpm(zt, steps=steps, seed=seed)
+            m, sc = train_ddpm(zt, steps=steps, hidden=hidden, seed=seed)
             y = sample(m, sc, (2500, 2), "ddim", steps=50, generator=g).double() * scale + mean
             r = mode_coverage(y, mix)
             fresh = mix.sample(2500, g)[0]
@@ -121,7 +125,7 @@ def failure_modes(res, seeds, steps, quick):
     f["distill_2d"] = []
     g = torch.Generator().manual_seed(0)
     z, mean, scale = standardise(mix.sample(20000, g)[0])
-    model, sched = train_ddpm(z, steps=steps, seed=0)
+    model, sched = train_ddpm(z, steps=steps, hidden=hidden, seed=0)
     students = progressive_distillation(model, sched, z, 32, 2, iters=100 if quick else 400, lr=1e-3)
     for n, (stu, grid) in students.items():
         sp = SpacedSchedule(sched, grid)
@@ -151,8 +155,8 @@ def efficiency(res, quick):
     model, dsched, _ = pretrained.load("digits")
     ref = load_digits("train")[0]
     clf = load_digits_classifier()
-    n = 500 if quick else 2000
-    grid = {"ddim": (5, 10, 20, 50, 100), "dpmpp2m": (5, 10, 20, 50), "ddpm": (50, 100, 250, 1000)}
+    n = 250 if quick else 500
+    grid = {"ddim": (5, 10, 20, 50), "dpmpp2m": (5, 10, 20), "ddpm": (50, 100)}
     if quick: grid = {k: v[:1] for k, v in grid.items()}
     for smp, nfes in grid.items():
         for s in nfes:
@@ -168,7 +172,7 @@ def efficiency(res, quick):
     e["digits_real_vs_real_fid"] = evaluate_samples(load_digits("test")[0], ref, classifier=clf, kid_subset_size=300)["fid"]
     t0 = time.perf_counter()
     students = progressive_distillation(model.requires_grad_(True), dsched, ref, 64, 4 if not quick else 16,
-                                        iters=60 if quick else 400, batch_size=128, lr=2e-4)
+                                        iters=60 if quick else 150, batch_size=64, lr=2e-4)
     e["distill_digits_seconds"] = time.perf_counter() - t0
     for s, (stu, grid_t) in students.items():
         sp = SpacedSchedule(dsched, grid_t)
@@ -183,24 +187,28 @@ def efficiency(res, quick):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default="cost,coverage,failure,efficiency")
+    p.add_argument("--out", default="challenges.json", help="file name under benchmarks/results/")
     a = p.parse_args()
+    global OUT
+    OUT = RESULTS / a.out
     torch.set_num_threads(1)
     seeds = list(range(a.seeds))
-    res = json.loads(OUT.read_text()) if OUT.is_file() and a.only != "cost,coverage,failure,efficiency" else {}
+    res = {}
     res["meta"] = dict(command="OMP_NUM_THREADS=1 python scripts/run_challenges.py " + " ".join(sys.argv[1:]),
                        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        machine=f"{platform.platform()}; {platform.processor() or platform.machine()}; "
                                f"{os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
-                       settings=dict(seeds=seeds, steps=a.steps, batch_size=256, hidden=128, depth=3, n_samples=2500,
+                       settings=dict(seeds=seeds, steps=a.steps, batch_size=256, hidden=a.hidden, depth=3, n_samples=2500,
                                      quick=a.quick), gpu="none: no GPU was available in this session")
     t0 = time.perf_counter()
     parts = a.only.split(",")
     if "cost" in parts: cost(res, a.quick); write(res)
-    if "coverage" in parts: coverage(res, seeds, a.steps, a.quick)
-    if "failure" in parts: failure_modes(res, seeds[:3], a.steps, a.quick)
+    if "coverage" in parts: coverage(res, seeds, a.steps, a.hidden, a.quick)
+    if "failure" in parts: failure_modes(res, seeds[:3], a.steps, a.hidden, a.quick)
     if "efficiency" in parts: efficiency(res, a.quick)
     res["meta"]["seconds"] = time.perf_counter() - t0
     write(res)
