@@ -248,7 +248,7 @@ def summarise(rows: list[dict],              # rows with a "method" key and nume
             out[method][k] = (float(v.mean()), se, len(v))
     return out
 
-# %% ../nbs/40_challenges.ipynb #166e9402
+# %% ../nbs/40_challenges.ipynb #8368a138
 def _ddim_to(x, eps, a_t, a_s):
     "DDIM with η = 0 from ᾱ_t to ᾱ_s, per-example ᾱ [B, 1, …]; Song et al. (2021) Eq. 12."
     x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -321,7 +321,7 @@ def progressive_distillation(model: nn.Module,        # the ε-model to distil
         out[len(grid)] = (teacher, grid)
     return out
 
-# %% ../nbs/40_challenges.ipynb #a1fada72
+# %% ../nbs/40_challenges.ipynb #273590a3
 def flops_per_call(model: nn.Module,   # any module (or callable)
                    *args,              # its inputs, e.g. (x [B, C, H, W], t [B])
                    **kwargs,
