@@ -130,8 +130,12 @@ def summarise(out, metric="sw1") -> str:
     m = out["metrics"].index(metric)
     lines = []
     for key, res in out["results"].items():
-        floor = out["floor"][key][m]
-        lines.append(f"\n{key}: {metric}, floor {floor:.4f}" + (f", −H(p) {out['neg_entropy'][key]:.3f}" if metric == "loglik" else ""))
+        negH = out["neg_entropy"][key]
+        # the log-likelihood is not a distance: rank by its gap to -H(p)
+        err = (lambda r: abs(r[m] - negH)) if metric == "loglik" else (lambda r: r[m])
+        floor = err(out["floor"][key])
+        lines.append(f"\n{key}: {metric}, floor {floor:.4f}" + (f" (ranked by |mean log p + H(p)|, −H(p) = {negH:.3f})"
+                                                                 if metric == "loglik" else ""))
         lines.append(f"{'sampler':28s}" + "".join(f"{'NFE ' + n:>17s}" for n in map(str, out["nfe"])))
         for name, per in res.items():
             cells = [per.get(str(n)) for n in out["nfe"]]
@@ -139,7 +143,7 @@ def summarise(out, metric="sw1") -> str:
                                                  if c else f"{'–':>17s}" for c in cells))
         for nfe in (10, 20):
             if str(nfe) not in map(str, out["nfe"]): continue
-            mean = lambda name: np.mean([r[m] for r in res[name][str(nfe)]])
+            mean = lambda name: np.mean([err(r) for r in res[name][str(nfe)]])
             mine = [n for n in res if n.startswith("ours") and len(n.split()) == 2]
             theirs = [n for n in res if n.startswith("diffusers")]
             if not mine: continue
@@ -167,7 +171,12 @@ def main():
     p.add_argument("--spacings", action="store_true", help="also run every sampler with every spacing")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
     args = p.parse_args()
+    if args.summarise:
+        out = json.load(open(args.summarise))
+        for metric in out["metrics"]: print(summarise(out, metric))
+        return
     out = run(args)
     for metric in out["metrics"]: print(summarise(out, metric))
     if args.out:

@@ -160,6 +160,7 @@ def test_trajectory_progress_and_model_kwargs():
     assert (MIX.component_log_prob(xc.double()).argmax(1) == y).all()
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 def test_real_networks_and_learned_range():
     torch.manual_seed(0)
     mlp = MLPDenoiser(2, learn_sigma=True)
@@ -171,6 +172,7 @@ def test_real_networks_and_learned_range():
         sample(mlp, SCHED, (16, 2), "ddpm", 10)          # [B, 2D] from a learn_sigma model needs variance='learned_range'
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_cosine_T1000_is_finite(dtype):
     """The network runs in low precision, the sampler's arithmetic in float32 with float64 coefficients: finite for every sampler,
@@ -192,6 +194,7 @@ def test_autocast_cosine_T1000_is_finite(dtype):
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 def test_device(device):
     net = MLPDenoiser(2).to(device)
     x = sample(net, SCHED, (8, 2), "dpmpp2m", 5, generator=torch.Generator(device).manual_seed(0))
