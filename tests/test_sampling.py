@@ -213,7 +213,8 @@ def test_cuda_matches_cpu_for_ddim():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(steps=1001, spacing="leading"), r"steps must be an integer in \[1, 1000\]"),
-    (dict(steps=992), r"steps must be an integer in \[1, 991\]"),                    # logsnr: the steps with σ/α <= 80
+    (dict(steps=992, spacing="logsnr"), r"steps must be an integer in \[1, 991\]"),  # the steps with σ/α <= 80
+    (dict(steps=1001), r"steps must be an integer in \[1, 1000\]"),                  # default: falls back to leading
     (dict(steps=0), "steps"), (dict(steps=True), "steps"), (dict(steps=2.5), "steps"),
     (dict(steps=1, spacing="leading"), "steps"), (dict(steps=1, spacing="linspace"), "steps"),
     (dict(sampler="ddim", eta=-0.1), r"eta must be a finite number in \[0, 1\]"), (dict(sampler="ddim", eta=1.01), "eta"),
@@ -247,6 +248,14 @@ def test_bad_input_elsewhere():
     with pytest.raises(ValueError, match="device="):
         sample(MLPDenoiser(2), SCHED, (4, 2), "ddim", 5, device="meta")
     with pytest.raises(ValueError, match="bandwidth"): mmd2_rbf(torch.zeros(3, 2), torch.zeros(3, 2), 0)
+
+
+def test_default_spacing_with_every_step():
+    "steps=T with the default spacing runs all T steps (backward compatible); steps=None the ones with σ/α <= 80."
+    _, traj = sample(ORACLE, SCHED, (4, 2), "ddim", 1000, return_trajectory=True)
+    assert traj.timesteps.tolist() == list(range(999, -1, -1))
+    _, traj = sample(ORACLE, SCHED, (4, 2), "ddim", return_trajectory=True)
+    assert len(traj.timesteps) == 991 and int(traj.timesteps[0]) == 990
 
 
 def test_denoiser_matches_parameterization():
