@@ -8,7 +8,8 @@
    ~6e-8), which the 1/√ᾱ ≈ 2e4 of the first steps amplifies; DDIM stays near 2e-5. The 1000-step DDPM chain
    differs by ~3e-4 on average: diffusers' β_t = 1 − ᾱ_t/ᾱ_{t−1} in float32 is off by up to 1e-3 in relative
    terms where β ≈ 4e-5 (ours is float64), and the chain accumulates that over 1000 steps.
-2. Loop overhead: wall time of the whole sampling loop with a near-zero-cost model (one 2x2 linear layer on
+2. Loop overhead (every sampler, DPM-Solver++ 2M/3M against DPMSolverMultistepScheduler of that order):
+   wall time of the whole sampling loop with a near-zero-cost model (one 2x2 linear layer on
    [64, 2]), so that the loop dominates; ours / diffusers, for 50 and 1000 steps; best of --repeats runs,
    one thread, under torch.no_grad() for both. Goal: ratio <= 0.7. Also the ratio with the digits U-Net,
    where the network dominates.
@@ -17,25 +18,31 @@
 """
 import argparse
 import time
+import warnings
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from simple_diffusion.data import toy_mixture
 from simple_diffusion.nets import make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
-from simple_diffusion.sampling import sample, space_timesteps
+from simple_diffusion.sampling import SamplingWarning, sample, space_timesteps
 from simple_diffusion.schedules import NoiseSchedule
 
 
-def diffusers_loop(cls, schedule, model, x_T, steps, spacing, generator=None):
+def diffusers_loop(cls, schedule, model, x_T, steps, spacing, generator=None, order=None):
+    extra = {"set_alpha_to_one": True} if cls is DDIMScheduler else {}
+    if cls is DPMSolverMultistepScheduler: extra = {"solver_order": order}
+    else: extra["clip_sample"] = False
     s = cls(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.numpy(), prediction_type="epsilon",
-            clip_sample=False, timestep_spacing=spacing, **({"set_alpha_to_one": True} if cls is DDIMScheduler else {}))
+            timestep_spacing=spacing, **extra)
     s.set_timesteps(steps)
     x = x_T
     for t in s.timesteps:
         out = model(x, t.expand(len(x)))
-        x = s.step(out, t, x, generator=generator).prev_sample if cls is DDPMScheduler else s.step(out, t, x, eta=0.0).prev_sample
+        if cls is DDPMScheduler: x = s.step(out, t, x, generator=generator).prev_sample
+        elif cls is DDIMScheduler: x = s.step(out, t, x, eta=0.0).prev_sample
+        else: x = s.step(out, t, x).prev_sample
     return x
 
 
@@ -48,7 +55,8 @@ def agreement():
     for sampler, cls in (("ddim", DDIMScheduler), ("ddpm", DDPMScheduler)):
         for spacing in ("leading", "trailing"):
             for steps in (10, 50, 1000):
-                d = DDIMScheduler(timestep_spacing=spacing); d.set_timesteps(steps)
+                d = DDIMScheduler(timestep_spacing=spacing)
+                d.set_timesteps(steps)
                 assert torch.equal(d.timesteps.flip(0), space_timesteps(1000, steps, spacing))
                 with torch.no_grad():
                     theirs = diffusers_loop(cls, sched, oracle, x_T, steps, spacing, torch.Generator().manual_seed(1))
@@ -63,12 +71,15 @@ def agreement():
 def best_time(f, repeats):
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter(); f(); times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
     return min(times)
 
 
 def overhead(repeats):
     torch.set_num_threads(1)
+    warnings.simplefilter("ignore", SamplingWarning)     # untrained models from t = T-1: garbage by design
     sched = NoiseSchedule.from_name("cosine", 1000)
     lin = torch.nn.Linear(2, 2)
     tiny = lambda x, t: lin(x)
@@ -79,12 +90,14 @@ def overhead(repeats):
     for name, model, shape, step_counts in cases:
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         for steps in step_counts:
-            for sampler, cls in (("ddpm", DDPMScheduler), ("ddim", DDIMScheduler)):
+            for sampler, cls, order in (("ddpm", DDPMScheduler, None), ("ddim", DDIMScheduler, None),
+                                        ("dpmpp2m", DPMSolverMultistepScheduler, 2), ("dpmpp3m", DPMSolverMultistepScheduler, 3)):
                 with torch.no_grad():
-                    td = best_time(lambda: diffusers_loop(cls, sched, model, x_T, steps, "trailing", torch.Generator().manual_seed(1)), repeats)
+                    td = best_time(lambda: diffusers_loop(cls, sched, model, x_T, steps, "trailing", torch.Generator().manual_seed(1),
+                                                          order), repeats)
                 to = best_time(lambda: sample(model, sched, shape, sampler, steps, spacing="trailing", noise=x_T, generator=torch.Generator().manual_seed(1)), repeats)
                 ratios[name, sampler, steps] = to / td
-                print(f"  {name:36s} {sampler:4s} {steps:5d} steps: ours {to * 1e3:8.1f} ms  diffusers {td * 1e3:8.1f} ms  ratio {to / td:.2f}")
+                print(f"  {name:36s} {sampler:7s} {steps:5d} steps: ours {to * 1e3:8.1f} ms  diffusers {td * 1e3:8.1f} ms  ratio {to / td:.2f}")
     loop = [r for (name, _, _), r in ratios.items() if name.startswith("tiny")]
     print(f"loop-overhead ratio ours/diffusers (tiny model): max {max(loop):.2f} (goal <= 0.7: {'met' if max(loop) <= 0.7 else 'MISSED'})")
 

@@ -18,13 +18,13 @@ from scipy.spatial.distance import cdist
 from torch import nn
 from tqdm import tqdm
 
-from .core import pick_device
+from .core import check_number, check_tensor, pick_device
 from .data import load_digits
 
 # %% auto #0
 __all__ = ['DigitsClassifier', 'train_digits_classifier', 'save_digits_classifier', 'load_digits_classifier', 'extract_features',
-           'frechet_distance', 'fid_from_features', 'kid', 'inception_score', 'precision_recall', 'density_coverage',
-           'evaluate_samples', 'inception_features']
+           'frechet_distance', 'fid_from_features', 'kid', 'mmd2_rbf', 'inception_score', 'precision_recall',
+           'density_coverage', 'evaluate_samples', 'inception_features']
 
 # %% ../nbs/20_metrics.ipynb #0e18b310
 class DigitsClassifier(nn.Module):
@@ -234,6 +234,24 @@ def kid(feats_a,                  # [N_a, d] features of the first set
     ma, mb, rng = min(int(subset_size), len(a)), min(int(subset_size), len(b)), np.random.default_rng(seed)
     vals = [_mmd2_unbiased(a[rng.choice(len(a), ma, replace=False)], b[rng.choice(len(b), mb, replace=False)]) for _ in range(int(subsets))]
     return float(np.mean(vals)), float(np.std(vals))
+
+# %% ../nbs/20_metrics.ipynb #2757ddaf
+def mmd2_rbf(x: torch.Tensor,          # [N, ...] one set of samples
+             y: torch.Tensor,          # [M, ...] the other (same size per example)
+             bandwidth: float = 0.05,  # h of the Gaussian kernel, > 0
+            ) -> float:
+    """Squared MMD with a Gaussian kernel, the biased V-statistic (>= 0), Eq. (eq-sampling-mmd)
+    (Gretton et al. 2012, Eq. 5)."""
+    check_tensor(x, "x", floating=False)
+    check_tensor(y, "y", floating=False)
+    if len(x) < 1 or len(y) < 1 or x[0].numel() != y[0].numel():
+        raise ValueError(f"x and y must be non-empty tensors [N, ...] and [M, ...] with the same size per "
+                         f"example, got {tuple(x.shape)} and {tuple(y.shape)}")
+    h = check_number(bandwidth, "bandwidth", 0, lo_open=True)
+    x, y = x.detach().reshape(len(x), -1).cpu().double(), y.detach().reshape(len(y), -1).cpu().double()
+    dist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+    k = lambda a, b: torch.exp(-dist(a, b).square() / (2 * h**2)).mean()
+    return float(k(x, x) + k(y, y) - 2 * k(x, y))
 
 # %% ../nbs/20_metrics.ipynb #4de18895
 def inception_score(probs,              # [N, K] class probabilities p(y|x): non-negative, rows sum to 1 (±1e-4)

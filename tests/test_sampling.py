@@ -1,5 +1,8 @@
-"""Contracts of simple_diffusion.sampling: spacings, respacing, the three samplers against the exact denoiser, options, bad input."""
+"""Contracts of simple_diffusion.sampling: spacings, respacing, the samplers against the exact denoiser, options, bad input."""
 import math
+import warnings
+
+import numpy as np
 
 import pytest
 import torch
@@ -7,10 +10,13 @@ import torch
 from simple_diffusion.data import toy_mixture
 from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
-from simple_diffusion.parameterization import x0_eps_from_output
-from simple_diffusion.sampling import (SAMPLERS, SPACINGS, SpacedSchedule, Trajectory, ddim_sigma, dpmpp2m_step, ddim_step,
-                                       dynamic_threshold, mmd2_rbf, respace, sample, space_timesteps)
-from simple_diffusion.schedules import NoiseSchedule
+from simple_diffusion.metrics import mmd2_rbf
+from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
+from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, SAMPLERS, SIGMA_MAX, SPACINGS, Denoiser,
+                                       SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
+                                       dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
+                                       space_timesteps)
+from simple_diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # see conftest.py
 
@@ -25,7 +31,7 @@ DOCUMENTED = {"linspace": [0, 111, 222, 333, 444, 555, 666, 777, 888, 999],
               "trailing": [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]}
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_space_timesteps_documented(spacing):
     assert space_timesteps(1000, 10, spacing).tolist() == DOCUMENTED[spacing]
     for S in (1, 7, 50, 1000):
@@ -34,7 +40,7 @@ def test_space_timesteps_documented(spacing):
     assert space_timesteps(1000, 1000, spacing).tolist() == list(range(1000))
 
 
-@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 def test_space_timesteps_match_diffusers(spacing):
     diffusers = pytest.importorskip("diffusers")
     for T, S in ((1000, 10), (1000, 50), (1000, 3), (1000, 7), (200, 13)):
@@ -83,8 +89,8 @@ def test_ddim_eta1_matches_ddpm_in_distribution():
     sched = NoiseSchedule.from_name("cosine", 100)
     oracle = GaussianMixtureOracle(MIX, sched)
     N = 1500
-    a = sample(oracle, sched, (N, 2), "ddim", 100, eta=1.0, generator=torch.Generator().manual_seed(10))
-    b = sample(oracle, sched, (N, 2), "ddpm", 100, generator=torch.Generator().manual_seed(11))
+    a = sample(oracle, sched, (N, 2), "ddim", None, eta=1.0, generator=torch.Generator().manual_seed(10))   # every step
+    b = sample(oracle, sched, (N, 2), "ddpm", None, generator=torch.Generator().manual_seed(11))
     g = torch.Generator().manual_seed(0)
     floor = torch.tensor([mmd2_rbf(MIX.sample(N, g)[0], MIX.sample(N, g)[0]) for _ in range(6)])
     assert mmd2_rbf(a, b) < float(floor.mean() + 5 * floor.std())
@@ -148,12 +154,13 @@ def test_threshold_and_clip():
 def test_trajectory_progress_and_model_kwargs():
     x, traj = sample(ORACLE, SCHED, (50, 2), "ddim", 8, return_trajectory=True, batch_size=20, progress=True)
     assert isinstance(traj, Trajectory) and traj.x.shape == (9, 50, 2) and traj.pred_x0.shape == (8, 50, 2)
-    assert torch.equal(traj.x[-1], x) and traj.timesteps.tolist() == space_timesteps(1000, 8).flip(0).tolist()
+    assert torch.equal(traj.x[-1], x) and traj.timesteps.tolist() == respace(SCHED, 8, "logsnr").timesteps.flip(0).tolist()
     y = torch.arange(90) % 8                                                              # labels are chunked with the batch
     xc = sample(ORACLE, SCHED, (90, 2), "dpmpp2m", 20, model_kwargs={"y": y}, batch_size=32, generator=torch.Generator().manual_seed(0))
     assert (MIX.component_log_prob(xc.double()).argmax(1) == y).all()
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 def test_real_networks_and_learned_range():
     torch.manual_seed(0)
     mlp = MLPDenoiser(2, learn_sigma=True)
@@ -165,6 +172,7 @@ def test_real_networks_and_learned_range():
         sample(mlp, SCHED, (16, 2), "ddpm", 10)          # [B, 2D] from a learn_sigma model needs variance='learned_range'
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_cosine_T1000_is_finite(dtype):
     """The network runs in low precision, the sampler's arithmetic in float32 with float64 coefficients: finite for every sampler,
@@ -186,6 +194,7 @@ def test_autocast_cosine_T1000_is_finite(dtype):
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
 
 
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained networks: garbage by design
 def test_device(device):
     net = MLPDenoiser(2).to(device)
     x = sample(net, SCHED, (8, 2), "dpmpp2m", 5, generator=torch.Generator(device).manual_seed(0))
@@ -203,22 +212,37 @@ def test_cuda_matches_cpu_for_ddim():
 
 
 @pytest.mark.parametrize("kw, msg", [
-    (dict(steps=1001), r"steps must be an integer in \[1, 1000\]"), (dict(steps=0), "steps"), (dict(steps=True), "steps"),
-    (dict(sampler="ddim", eta=-0.1), r"eta must be a number in \[0, 1\]"), (dict(sampler="ddim", eta=1.01), "eta"),
+    (dict(steps=1001, spacing="leading"), r"steps must be an integer in \[1, 1000\]"),
+    (dict(steps=992, spacing="logsnr"), r"steps must be an integer in \[1, 991\]"),  # the steps with σ/α <= 80
+    (dict(steps=1001), r"steps must be an integer in \[1, 1000\]"),                  # default: falls back to leading
+    (dict(steps=0), "steps"), (dict(steps=True), "steps"), (dict(steps=2.5), "steps"),
+    (dict(steps=1, spacing="leading"), "steps"), (dict(steps=1, spacing="linspace"), "steps"),
+    (dict(sampler="ddim", eta=-0.1), r"eta must be a finite number in \[0, 1\]"), (dict(sampler="ddim", eta=1.01), "eta"),
+    (dict(sampler="dpmpp4m"), "sampler must be one of"), (dict(sampler=None), "sampler"), (dict(hook=3), "hook"),
+    (dict(shape=(4,)), "shape"), (dict(shape=(4, 0)), "shape"), (dict(shape=(4, 2.5)), "shape"),
     (dict(eta=0.5), "eta applies to sampler='ddim' only"), (dict(sampler="heun"), "sampler must be one of"),
     (dict(spacing="uniform"), "spacing must be one of"), (dict(prediction="score"), "prediction"), (dict(variance="x"), "variance"),
-    (dict(clip_denoised=True, threshold=0.9), "not both"), (dict(noise=torch.zeros(5, 2)), "noise must be"),
+    (dict(clip_denoised=True, threshold=0.9), "not both"), (dict(noise=torch.zeros(5, 2)), "noise must have shape"),
     (dict(batch_size=0), "batch_size"), (dict(model_kwargs=3), "model_kwargs"), (dict(threshold=2.0), "percentile"),
 ])
 def test_bad_input(kw, msg):
+    kw = {"shape": (4, 2), "sampler": "ddpm", "steps": 10, **kw}
     with pytest.raises(ValueError, match=msg):
-        sample(ORACLE, SCHED, (4, 2), **{"sampler": "ddpm", "steps": 10, **kw})
+        sample(ORACLE, SCHED, **kw)
 
 
 def test_bad_input_elsewhere():
     with pytest.raises(ValueError, match="shape"): sample(ORACLE, SCHED, (0, 2), "ddim", 5)
     with pytest.raises(ValueError, match="schedule must be a NoiseSchedule"): sample(ORACLE, "cosine", (4, 2))
-    with pytest.raises(ValueError, match="zero terminal SNR"): sample(ORACLE, NoiseSchedule(torch.tensor([0.5, 1.0])), (4, 2), "ddim")
+    zero = NoiseSchedule(torch.tensor([0.5, 1.0]))
+    with pytest.raises(ValueError, match="zero terminal SNR"): sample(ORACLE, zero, (4, 2), "ddim", spacing="trailing")
+    with pytest.raises(ValueError, match="alphas_cumprod is required"): space_timesteps(1000, 10, "logsnr")
+    with pytest.raises(ValueError, match="rho"): space_timesteps(1000, 10, "edm", SCHED.alphas_cumprod, rho=0)
+    with pytest.raises(ValueError, match="alphas_cumprod"): space_timesteps(1000, 10, "edm", SCHED.alphas_cumprod[:5])
+    with pytest.raises(ValueError, match="prediction"): Denoiser(ORACLE, SCHED, "score")
+    with pytest.raises(ValueError, match="model must be callable"): Denoiser(3, SCHED)
+    with pytest.raises(ValueError, match="schedule"): Denoiser(ORACLE, "cosine")
+    with pytest.raises(ValueError, match="schedule"): respace("cosine", 10)
     with pytest.raises(ValueError, match="steps"): space_timesteps(10, 11)
     with pytest.raises(ValueError, match="strictly increasing"): SpacedSchedule(SCHED, torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="device="):
@@ -226,15 +250,196 @@ def test_bad_input_elsewhere():
     with pytest.raises(ValueError, match="bandwidth"): mmd2_rbf(torch.zeros(3, 2), torch.zeros(3, 2), 0)
 
 
-def test_predict_matches_parameterization():
-    "The sampler's float-coefficient conversion agrees with x0_eps_from_output (float64)."
-    from simple_diffusion.sampling import _predict
+def test_default_spacing_with_every_step():
+    "steps=T with the default spacing runs all T steps (backward compatible); steps=None the ones with σ/α <= 80."
+    _, traj = sample(ORACLE, SCHED, (4, 2), "ddim", 1000, return_trajectory=True)
+    assert traj.timesteps.tolist() == list(range(999, -1, -1))
+    _, traj = sample(ORACLE, SCHED, (4, 2), "ddim", return_trajectory=True)
+    assert len(traj.timesteps) == 991 and int(traj.timesteps[0]) == 990
+
+
+def test_denoiser_matches_parameterization():
+    "One model call through x0_eps_from_output (clipping included) and the threshold, for every prediction type."
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
     for t in (0, 400, 999):
         tt = torch.full((6,), t)
-        a, s = math.sqrt(float(SCHED.alphas_cumprod[t])), math.sqrt(1 - float(SCHED.alphas_cumprod[t]))
-        for pred in ("eps", "x0", "v"):
-            mine = _predict(lambda x_, t_: out, x, tt, a, s, pred, False, None, False, {})[:2]
-            for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred)):
-                assert torch.allclose(m, r, rtol=1e-9, atol=1e-9 * float(r.abs().max()))
+        for pred in PREDICTIONS:
+            for clip in (False, True):
+                mine = Denoiser(lambda x_, t_: out, SCHED, pred, clip_denoised=clip)(x, t)[:2]
+                for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred, clip)):
+                    assert torch.equal(m, r)
+    x0, _, _ = Denoiser(lambda x_, t_: 3 * out, SCHED, "x0", threshold=0.9)(x, 500)
+    assert torch.equal(x0, dynamic_threshold(3 * out, 0.9))
+
+
+@pytest.mark.parametrize("spacing", ["logsnr", "edm"])
+def test_lambda_spacings(spacing):
+    "Strictly increasing, from code t = 0 to the last step with σ/α <= SIGMA_MAX; logsnr is uniform in λ up to rounding."
+    for name in ("linear", "cosine"):
+        sched = NoiseSchedule.from_name(name, 1000)
+        t_max = int((sched.alphas_cumprod >= 1 / (1 + SIGMA_MAX**2)).sum()) - 1
+        for S in (1, 2, 5, 10, 50, t_max + 1):
+            ts = space_timesteps(1000, S, spacing, sched.alphas_cumprod)
+            assert len(ts) == S and bool((ts.diff() > 0).all()) and int(ts[-1]) == t_max
+            if S > 1: assert int(ts[0]) == 0
+        lam = 0.5 * sched.log_snr[space_timesteps(1000, 10, "logsnr", sched.alphas_cumprod)]
+        steps = lam.diff().abs()
+        assert float(steps.max() / steps.min()) < 1.6                                   # uniform to rounding
+
+
+def test_third_order_step_is_exact_for_quadratics():
+    "x̂_0(λ) a quadratic in λ: the 3M step is the exact solution of the probability-flow ODE (closed-form moments)."
+    g = torch.Generator().manual_seed(0)
+    a, b, c, xs = (torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(4))
+    p = lambda lam: a + b * lam + c * lam**2
+    ab = lambda lam: 1 / (1 + math.exp(-2 * lam))
+    lv, lu, ls, lt = -2.0, -1.1, -0.5, 0.4                              # ratios 0.9/0.6 and 0.9/0.9, below the guard
+    F = lambda l: np.exp(l) * np.array([1, l - 1, l * l - 2 * l + 2])    # antiderivatives of e^l l^k
+    m = F(lt) - F(ls)
+    sig = lambda lam: math.sqrt(1 - ab(lam))
+    exact = sig(lt) / sig(ls) * xs + sig(lt) * (a * m[0] + b * m[1] + c * m[2])
+    got = dpmpp3m_step(xs, p(ls), ab(ls), ab(lt), p(lu), ab(lu), p(lv), ab(lv))
+    assert torch.allclose(got, exact, rtol=1e-10, atol=1e-12)
+    # without history it is the 2M step, and 2M without history is DDIM
+    assert torch.equal(dpmpp3m_step(xs, p(ls), ab(ls), ab(lt), p(lu), ab(lu)), dpmpp2m_step(xs, p(ls), ab(ls), ab(lt), p(lu), ab(lu)))
+    assert torch.equal(dpmpp3m_step(xs, p(ls), ab(ls), 1.0, p(lu), ab(lu), p(lv), ab(lv)), dpmpp2m_step(xs, p(ls), ab(ls), 1.0))
+
+
+def test_step_ratio_guard():
+    "A λ-step longer than MAX_STEP_RATIO times the last one is taken at first order (2M) or second order (3M)."
+    g = torch.Generator().manual_seed(1)
+    x, x0, x0u, x0v = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(4))
+    ab = lambda lam: 1 / (1 + math.exp(-2 * lam))
+    h_last = 0.4
+    long, short = ab(0.0 + (MAX_STEP_RATIO + 0.1) * h_last), ab(0.0 + (MAX_STEP_RATIO - 0.1) * h_last)
+    assert torch.equal(dpmpp2m_step(x, x0, ab(0.0), long, x0u, ab(-h_last)), dpmpp2m_step(x, x0, ab(0.0), long))
+    assert not torch.equal(dpmpp2m_step(x, x0, ab(0.0), short, x0u, ab(-h_last)), dpmpp2m_step(x, x0, ab(0.0), short))
+    assert torch.equal(dpmpp3m_step(x, x0, ab(0.0), long, x0u, ab(-h_last), x0v, ab(-2 * h_last)),
+                       dpmpp2m_step(x, x0, ab(0.0), long, x0u, ab(-h_last)))
+
+
+def test_ddpm_step_formula():
+    g = torch.Generator().manual_seed(2)
+    x, x0, z = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    assert torch.equal(ddpm_step(x, x0, 0.3, 0.6, 0.2, z), 0.3 * x0 + 0.6 * x + 0.2 * z)
+    assert torch.equal(ddpm_step(x, x0, 0.3, 0.6, 0.2, None), 0.3 * x0 + 0.6 * x)
+
+
+def _pf_reference(mix, x_start, lam0, lam1):
+    "DOP853 solution of the probability-flow ODE in λ for the exact mixture denoiser (tolerances 1e-11)."
+    from scipy.integrate import solve_ivp
+    ab = lambda lam: 1 / (1 + math.exp(-2 * lam))
+    n = len(x_start)
+
+    def x0_star(abar, x):
+        a = math.sqrt(abar)
+        v = abar * mix.stds**2 + (1 - abar)
+        diff = x[:, None] - a * mix.means
+        logj = mix.weights.log() - 0.5 * (diff**2 / v + torch.log(2 * math.pi * v)).sum(-1)
+        return (logj.softmax(-1)[..., None] * (mix.means + a * mix.stds**2 / v * diff)).sum(1)
+
+    rhs = lambda lam, y: (math.exp(lam) * x0_star(ab(lam), torch.from_numpy(y.reshape(n, 2)) * math.sqrt(1 - ab(lam)))).numpy().ravel()
+    y0 = (x_start / math.sqrt(1 - ab(lam0))).numpy().ravel()
+    sol = solve_ivp(rhs, (lam0, lam1), y0, method="DOP853", rtol=1e-11, atol=1e-11)
+    return torch.from_numpy(sol.y[:, -1].reshape(n, 2)) * math.sqrt(1 - ab(lam1)), x0_star
+
+
+@pytest.mark.parametrize("name, order", [("ddim", 1), ("dpmpp2m", 2), ("dpmpp3m", 3)])
+def test_convergence_order(name, order):
+    "Fitted order (slope of log2 RMS error vs log2 S over S = 80, 160, 320, uniform in λ) within ±0.3 of the solver's order."
+    lam0, lam1 = -6.0, 3.0
+    x_start = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x_ode, x0_star = _pf_reference(MIX, x_start, lam0, lam1)
+    ab = lambda lam: 1 / (1 + math.exp(-2 * lam))
+    errs = []
+    for S in (80, 160, 320):
+        lams = np.linspace(lam0, lam1, S + 1)
+        x, hist = x_start.clone(), []
+        for i in range(S):
+            a, an = ab(lams[i]), ab(lams[i + 1])
+            x0 = x0_star(a, x)
+            if name == "ddim": x = ddim_step(x, x0, (x - math.sqrt(a) * x0) / math.sqrt(1 - a), a, an)
+            elif name == "dpmpp2m": x = dpmpp2m_step(x, x0, a, an, *(hist[-1] if hist else ()))
+            else: x = dpmpp3m_step(x, x0, a, an, *[v for p in reversed(hist[-2:]) for v in p])
+            hist = (hist + [(x0, a)])[-2:]
+        errs.append(float((x - x_ode).norm(dim=1).pow(2).mean().sqrt()))
+    slope = -np.polyfit(np.log2([80, 160, 320]), np.log2(errs), 1)[0]
+    assert abs(slope - order) <= 0.3, (name, slope, errs)
+
+
+SCHEDULES = {"linear": NoiseSchedule.from_name("linear", 1000), "cosine": SCHED,
+             "zero-snr": NoiseSchedule(rescale_zero_terminal_snr(NoiseSchedule.from_name("linear", 1000).betas))}
+
+
+@pytest.mark.parametrize("sched_name", list(SCHEDULES))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_every_combination_is_finite(sched_name, prediction):
+    """Every sampler x spacing at 1, 2 and 10 steps gives finite samples, or refuses with a ValueError where it cannot
+    work: leading/linspace with one step (they visit only t = 0), an ε-model at ᾱ = 0 (zero terminal SNR)."""
+    sched = SCHEDULES[sched_name]
+    oracle = GaussianMixtureOracle(MIX, sched, prediction=prediction)
+    x_T = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    for sampler in SAMPLERS:
+        for spacing in SPACINGS + (None,):
+            for steps in (1, 2, 10):
+                zero_start = sched_name == "zero-snr" and spacing in ("linspace", "trailing")
+                refuse = (steps == 1 and spacing in ("leading", "linspace")) or (prediction == "eps" and zero_start)
+                kw = dict(spacing=spacing, noise=x_T, prediction=prediction, generator=torch.Generator().manual_seed(1))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SamplingWarning)
+                    if refuse:
+                        with pytest.raises(ValueError):
+                            sample(oracle, sched, x_T.shape, sampler, steps, **kw)
+                        continue
+                    x = sample(oracle, sched, x_T.shape, sampler, steps, **kw)
+                assert torch.isfinite(x).all(), (sampler, spacing, steps)
+                if steps >= 1 and spacing is None:
+                    assert (x - x_T).abs().mean() > 0.3, (sampler, steps)               # never the input noise
+
+
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.7), ("ddim", 0.0), ("dpmpp2m", 0.0), ("dpmpp3m", 0.0)])
+def test_chunking_never_changes_samples(sampler, eta):
+    "Same seed, any batch_size: bit-identical samples (each step's noise is drawn for all N at once)."
+    y = torch.arange(100) % 8
+    runs = [sample(ORACLE, SCHED, (100, 2), sampler, 12, eta, batch_size=bs, model_kwargs={"y": y},
+                   generator=torch.Generator().manual_seed(3)) for bs in (None, 7, 64, 100)]
+    for r in runs[1:]: assert torch.equal(runs[0], r)
+
+
+def test_sample_is_the_composed_path_bit_for_bit():
+    hook = lambda i, t, x, x0: x0 * 0.99
+    for sampler in SAMPLERS:
+        kw = dict(eta=0.5) if sampler == "ddim" else {}
+        a = sample(ORACLE, SCHED, (50, 2), sampler, 9, generator=torch.Generator().manual_seed(4), hook=hook, batch_size=20, **kw)
+        g = torch.Generator().manual_seed(4)
+        x_T = torch.randn(50, 2, generator=g)
+        b = run_sampler(Denoiser(ORACLE, SCHED), respace(SCHED, 9, DEFAULT_SPACING[sampler]), x_T, sampler, generator=g,
+                        hook=hook, batch_size=20, **kw)
+        assert torch.equal(a, b), sampler
+
+
+def test_hook_sees_every_step_and_can_change_x0():
+    seen = []
+    def hook(i, t, x, x0):
+        seen.append((i, t, x.shape))
+        return torch.zeros_like(x0)                                        # x̂_0 = 0: the ODE then shrinks x to 0
+    x = sample(ORACLE, SCHED, (10, 2), "ddim", 6, hook=hook, batch_size=4)
+    ts = respace(SCHED, 6, "logsnr").timesteps.flip(0).tolist()
+    assert [t for _, t, _ in seen] == [t for t in ts for _ in range(3)]                  # 3 chunks per step
+    assert [i for i, _, _ in seen][::3] == [5, 4, 3, 2, 1, 0] and torch.equal(x, torch.zeros_like(x))
+
+
+def test_garbage_is_reported_and_defaults_avoid_it():
+    "A 5 %-wrong ε-model at ᾱ ≈ 0 (cosine, trailing: max |x| ≈ 33): warned; the default discretisation stays in range."
+    bad = lambda x, t: 0.95 * ORACLE(x, t)                                # 5 % too little noise; σ/α = 2e4 at t = T-1
+    with pytest.warns(SamplingWarning, match="numerically wrong"):
+        x = sample(bad, SCHED, (200, 2), "ddim", 20, spacing="trailing", generator=torch.Generator().manual_seed(0))
+    assert x.abs().max() > 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplingWarning)
+        for sampler in SAMPLERS:
+            x = sample(bad, SCHED, (200, 2), sampler, 20, generator=torch.Generator().manual_seed(0))
+            assert x.abs().max() < 5, sampler
+    with pytest.warns(SamplingWarning, match="not a sample of"):
+        sample(ORACLE, SCHED, (4, 2), "ddim", 2, spacing="leading")
