@@ -1,7 +1,8 @@
 """simple_diffusion: denoising diffusion models, derived and measured.
 
-The package exported from the notebooks of the simple_diffusion book. The names a user starts from
-are available here directly (imported lazily, on first use, so `import simple_diffusion` stays fast):
+The package exported from the notebooks of the simple_diffusion book. The names a user starts
+from are available here directly (imported lazily, on first use, so that
+`import simple_diffusion` stays fast):
 
     import simple_diffusion as sd
     model, schedule, config = sd.pretrained.load("digits")

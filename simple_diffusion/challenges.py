@@ -27,86 +27,115 @@ __all__ = ['DEFAULT_SAMPLERS', 'grid25', 'ring8', 'mode_coverage', 'gaussian_bal
            'flops_per_call', 'activation_bytes', 'fit_power_law', 'train_images_per_s']
 
 # %% ../nbs/40_challenges.ipynb #784c96b5
-def grid25(std: float = 0.05,  # σ of every component, > 0
-          ) -> GaussianMixture:
+def grid25(
+    std: float = 0.05,  # σ of every component, > 0
+) -> GaussianMixture:
     "The 25-Gaussian grid of VEEGAN/PacGAN: means {-4, -2, 0, 2, 4}², isotropic σ."
     g = torch.arange(-4.0, 5.0, 2.0, dtype=torch.float64)
     std = check_number(std, "std", 0, lo_open=True)
-    return GaussianMixture(torch.cartesian_prod(g, g), torch.full((25,), std, dtype=torch.float64))
+    return GaussianMixture(
+        torch.cartesian_prod(g, g), torch.full((25,), std, dtype=torch.float64)
+    )
 
 
-def ring8(radius: float = 2.0,  # distance of every mean from the origin, > 0
-          std: float = 0.02,    # σ of every component, > 0
-         ) -> GaussianMixture:
+def ring8(
+    radius: float = 2.0,  # distance of every mean from the origin, > 0
+    std: float = 0.02,  # σ of every component, > 0
+) -> GaussianMixture:
     "VEEGAN's ring: 8 Gaussians at the distinct angles 2πk/8, k = 0…7, on a circle."
     radius = check_number(radius, "radius", 0, lo_open=True)
     std = check_number(std, "std", 0, lo_open=True)
-    a = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)   # not linspace(0, 2π, 8)
+    a = torch.arange(8, dtype=torch.float64) * (
+        2 * math.pi / 8
+    )  # not linspace(0, 2π, 8)
     means = radius * torch.stack([a.cos(), a.sin()], 1)
     return GaussianMixture(means, torch.full((8,), std, dtype=torch.float64))
 
 # %% ../nbs/40_challenges.ipynb #52b74aeb
-def mode_coverage(samples: torch.Tensor,     # [N, D] generated points, in the mixture's coordinates
-                  mixture: GaussianMixture,  # the true mixture; isotropic components
-                  n_sigma: float = 3.0,      # high quality: within n_sigma·σ_k of the nearest mean
-                 ) -> dict:                  # modes, high_quality (share), kl (nats), counts [K]
+def mode_coverage(
+    samples: torch.Tensor,  # [N, D] generated points, in the mixture's coordinates
+    mixture: GaussianMixture,  # the true mixture; isotropic components
+    n_sigma: float = 3.0,  # high quality: within n_sigma·σ_k of the nearest mean
+) -> dict:  # modes, high_quality (share), kl (nats), counts [K]
     "VEEGAN/PacGAN mode metrics, Eqs. (eq-challenges-hq)-(eq-challenges-kl)."
     x = check_tensor(samples, "samples", min_ndim=2, finite=True)
     if not isinstance(mixture, GaussianMixture):
-        raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
+        raise ValueError(
+            f"mixture must be a GaussianMixture, got {type(mixture).__name__}"
+        )
     if x.ndim != 2 or x.shape[1] != mixture.dim:
-        raise ValueError(f"samples must have shape [N, {mixture.dim}], got {tuple(x.shape)}")
+        raise ValueError(
+            f"samples must have shape [N, {mixture.dim}], got {tuple(x.shape)}"
+        )
     n_sigma = check_number(n_sigma, "n_sigma", 0, lo_open=True)
     sig = mixture.stds[:, 0]
     if not torch.equal(mixture.stds, sig[:, None].expand_as(mixture.stds)):
         raise ValueError("mixture must have isotropic components (one σ per mode)")
-    dist, k = torch.cdist(x.double().cpu(), mixture.means).min(1)   # nearest mean of each sample
+    dist, k = torch.cdist(x.double().cpu(), mixture.means).min(
+        1
+    )  # nearest mean of each sample
     good = dist <= n_sigma * sig[k]
     K, n_good = len(sig), int(good.sum())
     counts = torch.bincount(k[good], minlength=K)
     p = counts[counts > 0].double() / max(n_good, 1)
     kl = float((p * (p * K).log()).sum()) if n_good else float("nan")
-    return dict(modes=int((counts > 0).sum()), high_quality=n_good / len(x), kl=kl,
-                counts=counts.tolist())
+    return dict(
+        modes=int((counts > 0).sum()),
+        high_quality=n_good / len(x),
+        kl=kl,
+        counts=counts.tolist(),
+    )
 
 
-def gaussian_ball_mass(n_sigma: float = 3.0,  # radius in standard deviations, >= 0
-                      ) -> float:             # P(‖z‖ ≤ n_sigma), z ~ N(0, I_2)
+def gaussian_ball_mass(
+    n_sigma: float = 3.0,  # radius in standard deviations, >= 0
+) -> float:  # P(‖z‖ ≤ n_sigma), z ~ N(0, I_2)
     "Mass of a 2-D standard Gaussian within radius n_sigma, Eq. (eq-challenges-ball)."
-    return -math.expm1(-check_number(n_sigma, "n_sigma", 0) ** 2 / 2)
+    return -math.expm1(-(check_number(n_sigma, "n_sigma", 0) ** 2) / 2)
 
 # %% ../nbs/40_challenges.ipynb #34dbb59f
-def mlp(d_in: int,     # input width
-        d_out: int,    # output width
-        hidden: int,   # width of every hidden layer
-        depth: int,    # hidden-to-hidden layers, >= 0
-       ) -> nn.Sequential:
+def mlp(
+    d_in: int,  # input width
+    d_out: int,  # output width
+    hidden: int,  # width of every hidden layer
+    depth: int,  # hidden-to-hidden layers, >= 0
+) -> nn.Sequential:
     "A LeakyReLU(0.2) MLP: d_in -> hidden, depth × (hidden -> hidden), hidden -> d_out."
     hidden = check_int(hidden, "hidden", 1)
     dims = [check_int(d_in, "d_in", 1)] + [hidden] * (check_int(depth, "depth", 0) + 1)
     layers = []
-    for a, b in zip(dims[:-1], dims[1:]): layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.LeakyReLU(0.2)]
     return nn.Sequential(*layers, nn.Linear(hidden, check_int(d_out, "d_out", 1)))
 
 
 class GAN(nn.Module):
     "Generator G: z ~ N(0, I) -> x; discriminator D on `pack` samples at once (PacGAN; 1: plain)."
-    def __init__(self,
-                 dim: int = 2,          # D, the data dimension
-                 latent_dim: int = 2,   # dimension of z
-                 hidden: int = 128,     # width of both networks
-                 depth: int = 3,        # hidden-to-hidden layers of both networks
-                 pack: int = 1,         # m of PacGAN: D sees m samples concatenated, >= 1
-                ):
+
+    def __init__(
+        self,
+        dim: int = 2,  # D, the data dimension
+        latent_dim: int = 2,  # dimension of z
+        hidden: int = 128,  # width of both networks
+        depth: int = 3,  # hidden-to-hidden layers of both networks
+        pack: int = 1,  # m of PacGAN: D sees m samples concatenated, >= 1
+    ):
         super().__init__()
         self.dim, self.pack = check_int(dim, "dim", 1), check_int(pack, "pack", 1)
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
-        self.G, self.D = mlp(latent_dim, dim, hidden, depth), mlp(dim * pack, 1, hidden, depth)
+        self.G, self.D = (
+            mlp(latent_dim, dim, hidden, depth),
+            mlp(dim * pack, 1, hidden, depth),
+        )
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:  # [n, D]
+    def sample(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:  # [n, D]
         "n generated points G(z)."
         p = next(self.G.parameters())
-        z = torch.randn(check_int(n, "n", 1), self.latent_dim, generator=generator).to(p)
+        z = torch.randn(check_int(n, "n", 1), self.latent_dim, generator=generator).to(
+            p
+        )
         return self.G(z)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:  # x [B·pack, D] -> [B] logits
@@ -114,30 +143,35 @@ class GAN(nn.Module):
         return self.D(x.reshape(-1, self.dim * self.pack)).squeeze(-1)
 
 # %% ../nbs/40_challenges.ipynb #e3172e47
-def gan_losses(gan: GAN,
-               real: torch.Tensor,   # [B·pack, D] data
-               fake: torch.Tensor,   # [B·pack, D] G(z), with its graph
-              ) -> tuple[torch.Tensor, torch.Tensor]:  # (D's loss, G's loss), 0-dim
+def gan_losses(
+    gan: GAN,
+    real: torch.Tensor,  # [B·pack, D] data
+    fake: torch.Tensor,  # [B·pack, D] G(z), with its graph
+) -> tuple[torch.Tensor, torch.Tensor]:  # (D's loss, G's loss), 0-dim
     "Non-saturating GAN losses (Goodfellow et al. 2014, §3), Eq. (eq-challenges-gan)."
     sp = nn.functional.softplus
     d_loss = sp(-gan.critic(real)).mean() + sp(gan.critic(fake.detach())).mean()
     return d_loss, sp(-gan.critic(fake)).mean()
 
 
-def train_gan(x: torch.Tensor,          # [N, D] training data (standardised)
-              *,
-              steps: int = 2000,        # generator steps, >= 0 (one D step before each)
-              batch_size: int = 256,    # D's examples per step; pack·batch_size samples drawn
-              hidden: int = 128,        # width of G and D
-              depth: int = 3,           # hidden-to-hidden layers of G and D
-              latent_dim: int = 2,      # dimension of z
-              pack: int = 1,            # PacGAN's m; 1 is a plain GAN
-              lr: float = 1e-4,         # Adam's step size for both networks, > 0
-              seed: int = 0,            # seeds the weights, the batches and z
-             ) -> GAN:                  # the trained GAN, eval mode
+def train_gan(
+    x: torch.Tensor,  # [N, D] training data (standardised)
+    *,
+    steps: int = 2000,  # generator steps, >= 0 (one D step before each)
+    batch_size: int = 256,  # D's examples per step; pack·batch_size samples drawn
+    hidden: int = 128,  # width of G and D
+    depth: int = 3,  # hidden-to-hidden layers of G and D
+    latent_dim: int = 2,  # dimension of z
+    pack: int = 1,  # PacGAN's m; 1 is a plain GAN
+    lr: float = 1e-4,  # Adam's step size for both networks, > 0
+    seed: int = 0,  # seeds the weights, the batches and z
+) -> GAN:  # the trained GAN, eval mode
     "Alternate one D and one G Adam step (β = (0.5, 0.999)) on the losses of `gan_losses`."
     x = check_tensor(x, "x", min_ndim=2, finite=True)
-    steps, batch_size = check_int(steps, "steps", 0), check_int(batch_size, "batch_size", 1)
+    steps, batch_size = (
+        check_int(steps, "steps", 0),
+        check_int(batch_size, "batch_size", 1),
+    )
     lr = check_number(lr, "lr", 0, lo_open=True)
     torch.manual_seed(check_int(seed, "seed", 0))
     gan = GAN(x.shape[1], latent_dim, hidden, depth, pack).to(x.device)
@@ -152,28 +186,37 @@ def train_gan(x: torch.Tensor,          # [N, D] training data (standardised)
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        _, g_loss = gan_losses(gan, real, fake)          # against the updated D
+        _, g_loss = gan_losses(gan, real, fake)  # against the updated D
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward(inputs=list(gan.G.parameters()))
         opt_g.step()
     return gan.eval()
 
 # %% ../nbs/40_challenges.ipynb #5ec8ca7c
-def train_ddpm(x: torch.Tensor,          # [N, D] training data (standardised)
-               *,
-               steps: int = 2000,        # optimiser steps, >= 0
-               batch_size: int = 256,    # examples per step
-               hidden: int = 128,        # MLPDenoiser width
-               depth: int = 3,           # MLPDenoiser residual blocks
-               lr: float = 1e-3,         # AdamW's peak step size
-               ema_decay: float = 0.99,  # short runs want a short EMA
-               seed: int = 0,            # seeds the weights, batches and noise
-              ) -> tuple[nn.Module, NoiseSchedule]:  # the EMA network (eval mode), its schedule
+def train_ddpm(
+    x: torch.Tensor,  # [N, D] training data (standardised)
+    *,
+    steps: int = 2000,  # optimiser steps, >= 0
+    batch_size: int = 256,  # examples per step
+    hidden: int = 128,  # MLPDenoiser width
+    depth: int = 3,  # MLPDenoiser residual blocks
+    lr: float = 1e-3,  # AdamW's peak step size
+    ema_decay: float = 0.99,  # short runs want a short EMA
+    seed: int = 0,  # seeds the weights, batches and noise
+) -> tuple[nn.Module, NoiseSchedule]:  # the EMA network (eval mode), its schedule
     "Ho et al. (2020) Algorithm 1 on in-memory vectors: the package's Trainer, an MLPDenoiser."
     x = check_tensor(x, "x", min_ndim=2, finite=True)
-    cfg = TrainConfig(data="tensor", steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      ema_decay=ema_decay, device=str(x.device), log_every=max(1, steps),
-                      warmup=min(100, steps))
+    cfg = TrainConfig(
+        data="tensor",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        ema_decay=ema_decay,
+        device=str(x.device),
+        log_every=max(1, steps),
+        warmup=min(100, steps),
+    )
     torch.manual_seed(cfg.seed)
     net = MLPDenoiser(x.shape[1], hidden=hidden, depth=depth)
     trainer = Trainer(cfg, model=net, data=(x, None))
@@ -181,8 +224,9 @@ def train_ddpm(x: torch.Tensor,          # [N, D] training data (standardised)
     return trainer.ema.module.eval(), trainer.schedule
 
 # %% ../nbs/40_challenges.ipynb #774e6f86
-def standardise(x: torch.Tensor,  # [N, D] data
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # z float32, mean, scale
+def standardise(
+    x: torch.Tensor,  # [N, D] data
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # z float32, mean, scale
     "z = (x - mean) / scale with one overall standard deviation, so the layout keeps its shape."
     x = check_tensor(x, "x", min_ndim=2, finite=True)
     mean, scale = x.mean(0), x.std()
@@ -191,54 +235,79 @@ def standardise(x: torch.Tensor,  # [N, D] data
 
 DEFAULT_SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpmpp2m", 20), ("ddim", 10))
 
-def compare_coverage(mixture: GaussianMixture,  # the data distribution
-                     seeds=(0,),                # one training run of every method per seed
-                     *,
-                     steps: int = 1000,         # optimiser steps of every method
-                     batch_size: int = 256,     # data per step (PacGAN draws pack× as many)
-                     hidden: int = 128,         # width of every network
-                     depth: int = 3,            # depth of every network
-                     samplers=DEFAULT_SAMPLERS,  # (sampler, NFE) pairs for the DDPM
-                     pack: int = 4,             # PacGAN's m for the remedy
-                     n_train: int = 20000,      # training points drawn from the mixture
-                     n_samples: int = 2500,     # generated points per model (the protocol's)
-                     keep_samples: bool = False,  # also return each row's samples [n_samples, D]
-                    ) -> list[dict]:            # per (method, seed): mode_coverage + seconds
+
+def compare_coverage(
+    mixture: GaussianMixture,  # the data distribution
+    seeds=(0,),  # one training run of every method per seed
+    *,
+    steps: int = 1000,  # optimiser steps of every method
+    batch_size: int = 256,  # data per step (PacGAN draws pack× as many)
+    hidden: int = 128,  # width of every network
+    depth: int = 3,  # depth of every network
+    samplers=DEFAULT_SAMPLERS,  # (sampler, NFE) pairs for the DDPM
+    pack: int = 4,  # PacGAN's m for the remedy
+    n_train: int = 20000,  # training points drawn from the mixture
+    n_samples: int = 2500,  # generated points per model (the protocol's)
+    keep_samples: bool = False,  # also return each row's samples [n_samples, D]
+) -> list[dict]:  # per (method, seed): mode_coverage + seconds
     "Train a DDPM, a GAN and PacGAN on the same data and budget; score each with mode_coverage."
     rows = []
     budget = dict(steps=steps, batch_size=batch_size, hidden=hidden, depth=depth)
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
         z, mean, scale = standardise(mixture.sample(n_train, g)[0])
+
         def score(y):
             y = y.double() * scale + mean
-            return dict(mode_coverage(y, mixture), **({"samples": y} if keep_samples else {}))
+            return dict(
+                mode_coverage(y, mixture), **({"samples": y} if keep_samples else {})
+            )
+
         t0 = time.perf_counter()
         model, schedule = train_ddpm(z, seed=seed, **budget)
         fit_s = time.perf_counter() - t0
         for name, nfe in samplers:
             t0 = time.perf_counter()
-            y = sample(model, schedule, (n_samples, mixture.dim), name, steps=nfe, generator=g)
-            rows.append(dict(method=f"DDPM, {name} {nfe} steps", seed=int(seed), train_s=fit_s,
-                             sample_s=time.perf_counter() - t0, params=count_parameters(model),
-                             **score(y)))
+            y = sample(
+                model, schedule, (n_samples, mixture.dim), name, steps=nfe, generator=g
+            )
+            rows.append(
+                dict(
+                    method=f"DDPM, {name} {nfe} steps",
+                    seed=int(seed),
+                    train_s=fit_s,
+                    sample_s=time.perf_counter() - t0,
+                    params=count_parameters(model),
+                    **score(y),
+                )
+            )
         for name, m in (("GAN", 1), (f"PacGAN{pack}", pack)):
             t0 = time.perf_counter()
             gan = train_gan(z, pack=m, seed=seed, **budget)
             fit_s, t0 = time.perf_counter() - t0, time.perf_counter()
-            with torch.no_grad(): y = gan.sample(n_samples, g)
-            rows.append(dict(method=name, seed=int(seed), train_s=fit_s,
-                             sample_s=time.perf_counter() - t0, params=count_parameters(gan.G),
-                             **score(y)))
+            with torch.no_grad():
+                y = gan.sample(n_samples, g)
+            rows.append(
+                dict(
+                    method=name,
+                    seed=int(seed),
+                    train_s=fit_s,
+                    sample_s=time.perf_counter() - t0,
+                    params=count_parameters(gan.G),
+                    **score(y),
+                )
+            )
     return rows
 
 
-def summarise(rows: list[dict],              # rows with a "method" key and numeric columns
-              keys=("modes", "high_quality", "kl"),
-             ) -> dict:                      # {method: {key: (mean, standard error, n)}}
+def summarise(
+    rows: list[dict],  # rows with a "method" key and numeric columns
+    keys=("modes", "high_quality", "kl"),
+) -> dict:  # {method: {key: (mean, standard error, n)}}
     "Mean ± standard error (s / √n; 0 for n = 1) of each column per method, in first-seen order."
     groups = {}
-    for r in rows: groups.setdefault(r["method"], []).append(r)
+    for r in rows:
+        groups.setdefault(r["method"], []).append(r)
     out = {}
     for method, rs in groups.items():
         out[method] = {}
@@ -255,41 +324,56 @@ def _ddim_to(x, eps, a_t, a_s):
     return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
 
 
-def distill_round(teacher: nn.Module,      # ε-model sampled with DDIM on the 2N steps of `grid`
-                  schedule: NoiseSchedule,  # its training schedule (T steps)
-                  x: torch.Tensor,          # [M, ...] training data
-                  grid: torch.Tensor,       # [2N] ascending code timesteps; student's: grid[1::2]
-                  *,
-                  iters: int = 500,         # Adam steps, >= 1
-                  batch_size: int = 256,    # examples per step
-                  lr: float = 1e-4,         # Adam's step size
-                  seed: int = 0,            # seeds the batches, t and the noise
-                 ) -> nn.Module:            # the student (eval, no grad), started from the teacher
+def distill_round(
+    teacher: nn.Module,  # ε-model sampled with DDIM on the 2N steps of `grid`
+    schedule: NoiseSchedule,  # its training schedule (T steps)
+    x: torch.Tensor,  # [M, ...] training data
+    grid: torch.Tensor,  # [2N] ascending code timesteps; student's: grid[1::2]
+    *,
+    iters: int = 500,  # Adam steps, >= 1
+    batch_size: int = 256,  # examples per step
+    lr: float = 1e-4,  # Adam's step size
+    seed: int = 0,  # seeds the batches, t and the noise
+) -> nn.Module:  # the student (eval, no grad), started from the teacher
     "One halving of progressive distillation (Salimans & Ho 2022, Alg. 2), Eq. (eq-challenges-pd)."
     x = check_tensor(x, "x", min_ndim=2, finite=True)
     grid = check_tensor(grid, "grid", floating=False).long().to(x.device)
     T = schedule.num_timesteps
-    if grid.ndim != 1 or len(grid) % 2 or (grid.diff() <= 0).any() or grid[0] < 0 or grid[-1] >= T:
-        raise ValueError(f"grid must be an even number of increasing timesteps in [0, {T}), "
-                         f"got {grid.tolist()[:6]}")
+    if (
+        grid.ndim != 1
+        or len(grid) % 2
+        or (grid.diff() <= 0).any()
+        or grid[0] < 0
+        or grid[-1] >= T
+    ):
+        raise ValueError(
+            f"grid must be an even number of increasing timesteps in [0, {T}), "
+            f"got {grid.tolist()[:6]}"
+        )
     N, iters = len(grid) // 2, check_int(iters, "iters", 1)
     batch_size = check_int(batch_size, "batch_size", 1)
-    abar = torch.cat([schedule.alphas_cumprod.new_ones(1), schedule.alphas_cumprod]).to(x.device)
+    abar = torch.cat([schedule.alphas_cumprod.new_ones(1), schedule.alphas_cumprod]).to(
+        x.device
+    )
     student = copy.deepcopy(teacher).train().requires_grad_(True)
-    opt = torch.optim.Adam(student.parameters(), lr=check_number(lr, "lr", 0, lo_open=True))
+    opt = torch.optim.Adam(
+        student.parameters(), lr=check_number(lr, "lr", 0, lo_open=True)
+    )
     g = torch.Generator().manual_seed(check_int(seed, "seed", 0))
     shape = (batch_size,) + (1,) * (x.ndim - 1)
     for _ in range(iters):
         x0 = x[torch.randint(len(x), (batch_size,), generator=g).to(x.device)]
-        i = torch.randint(N, (batch_size,), generator=g).to(x.device)   # grid[2i+1] -> grid[2i-1]
+        i = torch.randint(N, (batch_size,), generator=g).to(
+            x.device
+        )  # grid[2i+1] -> grid[2i-1]
         t, t1 = grid[2 * i + 1], grid[2 * i]
-        t2 = torch.where(i > 0, grid[(2 * i - 1).clamp(min=0)], -1)    # -1: the clean end
+        t2 = torch.where(i > 0, grid[(2 * i - 1).clamp(min=0)], -1)  # -1: the clean end
         a_t, a_1, a_2 = (abar[s + 1].reshape(shape).to(x.dtype) for s in (t, t1, t2))
         z = q_sample(schedule, x0, t, torch.randn(x0.shape, generator=g).to(x0))
         with torch.no_grad():
             z1 = _ddim_to(z, teacher(z, t), a_t, a_1)
             z2 = _ddim_to(z1, teacher(z1, t1), a_1, a_2)
-            r = ((1 - a_2) / (1 - a_t)).sqrt()                           # σ_t'' / σ_t
+            r = ((1 - a_2) / (1 - a_t)).sqrt()  # σ_t'' / σ_t
             x_tgt = (z2 - r * z) / (a_2.sqrt() - r * a_t.sqrt())
             eps_tgt = (z - a_t.sqrt() * x_tgt) / (1 - a_t).sqrt()
         loss = ((student(z, t) - eps_tgt) ** 2).mean()
@@ -299,20 +383,23 @@ def distill_round(teacher: nn.Module,      # ε-model sampled with DDIM on the 2
     return student.eval().requires_grad_(False)
 
 
-def progressive_distillation(model: nn.Module,        # the ε-model to distil
-                             schedule: NoiseSchedule,  # its training schedule
-                             x: torch.Tensor,          # [M, ...] training data
-                             start_steps: int = 64,    # the first teacher's DDIM steps
-                             end_steps: int = 4,       # the last student's (start / 2^k)
-                             **kwargs,                 # iters, batch_size, lr, seed
-                            ) -> dict:                 # {N: (student, its N code timesteps)}
+def progressive_distillation(
+    model: nn.Module,  # the ε-model to distil
+    schedule: NoiseSchedule,  # its training schedule
+    x: torch.Tensor,  # [M, ...] training data
+    start_steps: int = 64,  # the first teacher's DDIM steps
+    end_steps: int = 4,  # the last student's (start / 2^k)
+    **kwargs,  # iters, batch_size, lr, seed
+) -> dict:  # {N: (student, its N code timesteps)}
     "Halve the DDIM steps start -> … -> end on nested 'leading' grids, student -> teacher."
     start = check_int(start_steps, "start_steps", 2)
     end = check_int(end_steps, "end_steps", 1)
     ratio = start // end
     if start <= end or start % end or ratio & (ratio - 1):
-        raise ValueError(f"start_steps must be end_steps times a power of two > 1, "
-                         f"got start_steps={start}, end_steps={end}")
+        raise ValueError(
+            f"start_steps must be end_steps times a power of two > 1, "
+            f"got start_steps={start}, end_steps={end}"
+        )
     out, teacher = {}, model
     grid = space_timesteps(schedule.num_timesteps, start, "leading")
     while len(grid) > end:
@@ -322,59 +409,70 @@ def progressive_distillation(model: nn.Module,        # the ε-model to distil
     return out
 
 # %% ../nbs/40_challenges.ipynb #273590a3
-def flops_per_call(model: nn.Module,   # any module (or callable)
-                   *args,              # its inputs, e.g. (x [B, C, H, W], t [B])
-                   **kwargs,
-                  ) -> int:            # FLOPs of one forward (2 per multiply-add)
+def flops_per_call(
+    model: nn.Module,  # any module (or callable)
+    *args,  # its inputs, e.g. (x [B, C, H, W], t [B])
+    **kwargs,
+) -> int:  # FLOPs of one forward (2 per multiply-add)
     "FLOPs of model(*args) by torch.utils.flop_counter (matmuls, convolutions, attention only)."
-    if not callable(model): raise ValueError(f"model must be callable, got {type(model).__name__}")
+    if not callable(model):
+        raise ValueError(f"model must be callable, got {type(model).__name__}")
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(*args, **kwargs)
     return int(fc.get_total_flops())
 
 
-def activation_bytes(model: nn.Module,  # a module in training mode
-                     *args,             # its inputs
-                     **kwargs,
-                    ) -> int:           # bytes of the distinct tensors autograd keeps
+def activation_bytes(
+    model: nn.Module,  # a module in training mode
+    *args,  # its inputs
+    **kwargs,
+) -> int:  # bytes of the distinct tensors autograd keeps
     "Memory a training forward holds for the backward pass, via saved_tensors_hooks."
     seen = {}
+
     def pack(t):
         seen[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(*args, **kwargs)
     return int(sum(seen.values()))
 
 
-def fit_power_law(x,  # [n] positive sizes (resolution, width, T …), n >= 2
-                  y,  # [n] positive costs
-                 ) -> tuple[float, float]:  # (p, c) of y ≈ c·x^p, least squares in log-log
+def fit_power_law(
+    x,  # [n] positive sizes (resolution, width, T …), n >= 2
+    y,  # [n] positive costs
+) -> tuple[float, float]:  # (p, c) of y ≈ c·x^p, least squares in log-log
     "The exponent of a measured scaling law y ∝ x^p, Eq. (eq-challenges-power)."
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     ok = x.ndim == 1 and x.shape == y.shape and len(x) >= 2
     if not ok or not (x > 0).all() or not (y > 0).all():
-        raise ValueError(f"x and y must be 1-D arrays of one length >= 2 with positive entries, "
-                         f"got shapes {x.shape} and {y.shape}")
-    if np.ptp(np.log(x)) == 0: raise ValueError("x must contain at least two different values")
+        raise ValueError(
+            f"x and y must be 1-D arrays of one length >= 2 with positive entries, "
+            f"got shapes {x.shape} and {y.shape}"
+        )
+    if np.ptp(np.log(x)) == 0:
+        raise ValueError("x must contain at least two different values")
     p, logc = np.polyfit(np.log(x), np.log(y), 1)
     return float(p), float(math.exp(logc))
 
 
-def train_images_per_s(model: nn.Module,        # an ε-network on images
-                       schedule: NoiseSchedule,  # the forward process
-                       x: torch.Tensor,         # [N, C, H, W] data
-                       batch_size: int = 64,    # images per step
-                       steps: int = 5,          # timed steps, >= 1
-                       warmup: int = 1,         # untimed steps first, >= 0
-                      ) -> float:               # training images per second (AdamW, L_simple)
+def train_images_per_s(
+    model: nn.Module,  # an ε-network on images
+    schedule: NoiseSchedule,  # the forward process
+    x: torch.Tensor,  # [N, C, H, W] data
+    batch_size: int = 64,  # images per step
+    steps: int = 5,  # timed steps, >= 1
+    warmup: int = 1,  # untimed steps first, >= 0
+) -> float:  # training images per second (AdamW, L_simple)
     "Measured training throughput: forward, backward and an AdamW step per batch."
     steps, warmup = check_int(steps, "steps", 1), check_int(warmup, "warmup", 0)
     batch_size = check_int(batch_size, "batch_size", 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
     for k in range(warmup + steps):
-        if k == warmup: t0 = time.perf_counter()
+        if k == warmup:
+            t0 = time.perf_counter()
         xb = x[torch.randint(len(x), (batch_size,), generator=g)]
         loss = simple_loss(model, schedule, xb, generator=g).mean()
         opt.zero_grad(set_to_none=True)

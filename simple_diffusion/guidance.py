@@ -67,7 +67,9 @@ def _check_labels(y, batch, name="y"):
     "An integer tensor [batch] of labels."
     y = check_tensor(y, name, shape=(batch,), floating=False)
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor of labels, got dtype {y.dtype}")
+        raise ValueError(
+            f"{name} must be an integer tensor of labels, got dtype {y.dtype}"
+        )
     return y
 
 
@@ -90,11 +92,17 @@ class ClassifierFreeGuidance(nn.Module):
             )
         self.model = model
         self.guidance = check_number(guidance, "guidance", 0)
-        self.null_class = check_int(classes if null_class is None else null_class, "null_class", 0)
-        self.num_classes = classes if classes is not None else self.null_class  # labels 0 … K-1
+        self.null_class = check_int(
+            classes if null_class is None else null_class, "null_class", 0
+        )
+        self.num_classes = (
+            classes if classes is not None else self.null_class
+        )  # labels 0 … K-1
         if interval is not None:
             if not isinstance(interval, (tuple, list)) or len(interval) != 2:
-                raise ValueError(f"interval must be None or a pair (t_lo, t_hi), got {interval!r}")
+                raise ValueError(
+                    f"interval must be None or a pair (t_lo, t_hi), got {interval!r}"
+                )
             lo = check_int(interval[0], "interval[0]", 0)
             interval = (lo, check_int(interval[1], "interval[1]", lo))
         self.interval = interval
@@ -104,7 +112,9 @@ class ClassifierFreeGuidance(nn.Module):
         x: torch.Tensor,  # [B, ...] x_t
         t: torch.Tensor,  # [B] code timesteps
         y: torch.Tensor,  # [B] requested labels
-    ) -> torch.Tensor:  # the model's output type and shape, guided, Eq. (eq-guidance-cfg)
+    ) -> (
+        torch.Tensor
+    ):  # the model's output type and shape, guided, Eq. (eq-guidance-cfg)
         y = _check_labels(y, len(x))
         if self.guidance == 0:
             return self.model(x, t, y=y)
@@ -112,7 +122,9 @@ class ClassifierFreeGuidance(nn.Module):
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]))
         (cond, var), (uncond, _) = (_split_output(o, x) for o in out.chunk(2))
         w = torch.full((len(x),), self.guidance, dtype=cond.dtype, device=cond.device)
-        if self.interval is not None:  # Kynkäänniemi et al. 2024: w = 0 outside the interval
+        if (
+            self.interval is not None
+        ):  # Kynkäänniemi et al. 2024: w = 0 outside the interval
             inside = (t >= self.interval[0]) & (t <= self.interval[1])
             w = torch.where(inside.to(w.device), w, torch.zeros_like(w))
         w = w.reshape(-1, *([1] * (cond.ndim - 1)))
@@ -167,7 +179,9 @@ class ClassifierGuidance(nn.Module):
     ):
         super().__init__()
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
         if not callable(classifier):
             raise ValueError(
                 f"classifier must be callable as classifier(x_t, t), got {classifier!r}"
@@ -177,7 +191,9 @@ class ClassifierGuidance(nn.Module):
         self.prediction = check_choice(prediction, PREDICTIONS, "prediction")
         self.num_classes = getattr(model, "num_classes", None)
 
-    def grad_log_prob(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def grad_log_prob(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         "∇_x log p_φ(y | x_t) [B, ...] for each row (the classifier must treat rows independently)."
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
@@ -185,10 +201,14 @@ class ClassifierGuidance(nn.Module):
             picked = log_p.gather(1, y.to(log_p.device)[:, None]).sum()
             return torch.autograd.grad(picked, x_in)[0].to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
         "The model's output at (x, t), guided towards class y, Eq. (eq-guidance-classifier)."
         y = _check_labels(y, len(x))
-        out = self.model(x, t, y=y) if self.num_classes is not None else self.model(x, t)
+        out = (
+            self.model(x, t, y=y) if self.num_classes is not None else self.model(x, t)
+        )
         if self.scale == 0:
             return out
         out, var = _split_output(out, x)
@@ -196,7 +216,9 @@ class ClassifierGuidance(nn.Module):
         eps = (
             out
             if p == "eps"
-            else eps_from_x0(s, x, t, out) if p == "x0" else eps_from_v(s, x, t, out)
+            else eps_from_x0(s, x, t, out)
+            if p == "x0"
+            else eps_from_v(s, x, t, out)
         )
         eps = eps - self.scale * s.gather(
             "sqrt_one_minus_alphas_cumprod", t, x
@@ -248,19 +270,33 @@ def guided_sample(
             "classifier with classifier_scale > 0"
         )
     top = K if K is not None else getattr(classifier, "num_classes", None)
-    if top is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= top):
+    if (
+        top is not None
+        and len(labels)
+        and (int(labels.min()) < 0 or int(labels.max()) >= top)
+    ):
         raise ValueError(
             f"labels must be classes in [0, {top - 1}], got values in "
             f"[{int(labels.min())}, {int(labels.max())}]"
         )
     if "y" in (sample_kwargs.get("model_kwargs") or {}):
         raise ValueError("model_kwargs must not hold 'y': pass the classes as labels")
-    net = ClassifierFreeGuidance(model, guidance, null_class, interval) if K is not None else model
+    net = (
+        ClassifierFreeGuidance(model, guidance, null_class, interval)
+        if K is not None
+        else model
+    )
     if classifier is not None and classifier_scale > 0:
         net = ClassifierGuidance(
-            net, classifier, schedule, classifier_scale, sample_kwargs.get("prediction", "eps")
+            net,
+            classifier,
+            schedule,
+            classifier_scale,
+            sample_kwargs.get("prediction", "eps"),
         )
-    sample_kwargs["model_kwargs"] = dict(sample_kwargs.get("model_kwargs") or {}, y=labels)
+    sample_kwargs["model_kwargs"] = dict(
+        sample_kwargs.get("model_kwargs") or {}, y=labels
+    )
     return sample(net, schedule, shape, **sample_kwargs)
 
 # %% ../nbs/30_guidance.ipynb #d93bd5b5
@@ -275,15 +311,21 @@ class NoisyClassifier(nn.Module):
         depth: int = 2,  # residual hidden layers
     ):
         super().__init__()
-        self.data_shape, self.num_classes = tuple(data_shape), check_int(
-            num_classes, "num_classes", 2
+        self.data_shape, self.num_classes = (
+            tuple(data_shape),
+            check_int(num_classes, "num_classes", 2),
         )
         self.config = dict(
-            data_shape=list(self.data_shape), num_classes=num_classes, width=width, depth=depth
+            data_shape=list(self.data_shape),
+            num_classes=num_classes,
+            width=width,
+            depth=depth,
         )
         D = math.prod(self.data_shape)
         self.inp = nn.Linear(D, check_int(width, "width", 1))
-        self.time = nn.Sequential(nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width))
+        self.time = nn.Sequential(
+            nn.Linear(64, width), nn.SiLU(), nn.Linear(width, width)
+        )
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.SiLU(), nn.Linear(width, width))
             for _ in range(check_int(depth, "depth", 0))
@@ -345,7 +387,9 @@ def train_noisy_classifier(
 def _noisy_classifier_path(path=None) -> Path:
     "The shipped weights file, or `path` given by the caller."
     default = (
-        resources.files("simple_diffusion") / "weights" / "digits_noisy_classifier.safetensors"
+        resources.files("simple_diffusion")
+        / "weights"
+        / "digits_noisy_classifier.safetensors"
     )
     return Path(path) if path is not None else Path(str(default))
 
@@ -358,7 +402,10 @@ def save_noisy_classifier(
     "Write the weights (safetensors) and `info` (a JSON card with the same stem)."
     path = _noisy_classifier_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        str(path),
+    )
     path.chmod(0o644)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from importlib import resources
@@ -28,36 +27,64 @@ __all__ = ['DigitsClassifier', 'train_digits_classifier', 'save_digits_classifie
 
 # %% ../nbs/20_metrics.ipynb #0e18b310
 class DigitsClassifier(nn.Module):
-    "A small CNN for 8×8 digits: `features(x)` is the 64-d penultimate layer (standardised, pre-ReLU), `forward(x)` the 10 logits."
+    """A small CNN for 8×8 digits: `features(x)` is the 64-d penultimate layer (standardised, pre-
+    ReLU), `forward(x)` the 10 logits."""
+
     input_shape = (1, 8, 8)
 
-    def __init__(self,
-                 width: int = 32,          # channels of the first convolution (then 2×width)
-                 feature_dim: int = 64,    # size of the feature layer
-                 dropout: float = 0.3,     # dropout before the last layer, in [0, 1)
-                 num_classes: int = 10):
+    def __init__(
+        self,
+        width: int = 32,  # channels of the first convolution (then 2×width)
+        feature_dim: int = 64,  # size of the feature layer
+        dropout: float = 0.3,  # dropout before the last layer, in [0, 1)
+        num_classes: int = 10,
+    ):
         super().__init__()
-        self.config = dict(width=width, feature_dim=feature_dim, dropout=dropout, num_classes=num_classes)
+        self.config = dict(
+            width=width,
+            feature_dim=feature_dim,
+            dropout=dropout,
+            num_classes=num_classes,
+        )
         w = width
-        block = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
-        self.body = nn.Sequential(*block(1, w), *block(w, 2 * w), nn.MaxPool2d(2),      # 8×8 -> 4×4
-                                  *block(2 * w, 2 * w), nn.MaxPool2d(2),                # 4×4 -> 2×2
-                                  nn.Flatten(), nn.Linear(2 * w * 4, feature_dim),
-                                  nn.BatchNorm1d(feature_dim, affine=False))            # standardised features
-        self.head = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes))
+        block = lambda i, o: [
+            nn.Conv2d(i, o, 3, padding=1),
+            nn.BatchNorm2d(o),
+            nn.ReLU(),
+        ]
+        self.body = nn.Sequential(
+            *block(1, w),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),  # 8×8 -> 4×4
+            *block(2 * w, 2 * w),
+            nn.MaxPool2d(2),  # 4×4 -> 2×2
+            nn.Flatten(),
+            nn.Linear(2 * w * 4, feature_dim),
+            nn.BatchNorm1d(feature_dim, affine=False),
+        )  # standardised features
+        self.head = nn.Sequential(
+            nn.ReLU(), nn.Dropout(dropout), nn.Linear(feature_dim, num_classes)
+        )
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, 8, 8] in [-1, 1] -> [B, feature_dim]
+    def features(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # [B, 1, 8, 8] in [-1, 1] -> [B, feature_dim]
         return self.body(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # [B, 1, 8, 8] in [-1, 1] -> [B, num_classes] logits
+    def forward(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # [B, 1, 8, 8] in [-1, 1] -> [B, num_classes] logits
         return self.head(self.body(x))
 
 # %% ../nbs/20_metrics.ipynb #50885181
-def _random_shift(x: torch.Tensor,   # [B, C, H, W] images, background -1
-                  max_shift: int,    # largest shift in pixels, >= 0
-                  gen: torch.Generator):
+def _random_shift(
+    x: torch.Tensor,  # [B, C, H, W] images, background -1
+    max_shift: int,  # largest shift in pixels, >= 0
+    gen: torch.Generator,
+):
     "Shift each image by (dy, dx) in [-max_shift, max_shift]², filling with the background -1."
-    if max_shift == 0: return x
+    if max_shift == 0:
+        return x
     s, (H, W) = max_shift, x.shape[-2:]
     xp = F.pad(x, (s,) * 4, value=-1.0)
     off = torch.randint(0, 2 * s + 1, (len(x), 2), generator=gen)
@@ -65,66 +92,119 @@ def _random_shift(x: torch.Tensor,   # [B, C, H, W] images, background -1
     for dy in range(2 * s + 1):
         for dx in range(2 * s + 1):
             m = (off[:, 0] == dy) & (off[:, 1] == dx)
-            out[m] = xp[m, :, dy:dy + H, dx:dx + W]
+            out[m] = xp[m, :, dy : dy + H, dx : dx + W]
     return out
 
 # %% ../nbs/20_metrics.ipynb #70be7a4b
-def train_digits_classifier(steps: int = 1000,       # optimiser steps, >= 1
-                            seed: int = 0,           # seeds the initial weights, batches, shifts and dropout
-                            *,
-                            batch_size: int = 128,
-                            lr: float = 3e-3,        # peak learning rate of the one-cycle schedule
-                            max_shift: int = 1,      # augmentation: random shifts of up to this many pixels
-                            device: str = "cpu",
-                            progress: bool = False,  # show a tqdm bar
-                            **config,                # DigitsClassifier arguments (width, feature_dim, dropout)
-                           ) -> tuple[DigitsClassifier, dict]:  # model in eval mode, facts about the run
-    "Train `DigitsClassifier` on `load_digits('train')` and measure its accuracy on `load_digits('test')`."
-    if int(steps) != steps or steps < 1: raise ValueError(f"steps must be an integer >= 1, got {steps}")
-    if int(max_shift) != max_shift or not 0 <= max_shift < 4: raise ValueError(f"max_shift must be an integer in [0, 3], got {max_shift}")
-    dev, (xtr, ytr), (xte, yte) = pick_device(device), load_digits("train"), load_digits("test")
-    with torch.random.fork_rng(devices=[]):                   # leave the caller's global RNG untouched
+def train_digits_classifier(
+    steps: int = 1000,  # optimiser steps, >= 1
+    seed: int = 0,  # seeds the initial weights, batches, shifts and dropout
+    *,
+    batch_size: int = 128,
+    lr: float = 3e-3,  # peak learning rate of the one-cycle schedule
+    max_shift: int = 1,  # augmentation: random shifts of up to this many pixels
+    device: str = "cpu",
+    progress: bool = False,  # show a tqdm bar
+    **config,  # DigitsClassifier arguments (width, feature_dim, dropout)
+) -> tuple[DigitsClassifier, dict]:  # model in eval mode, facts about the run
+    "Train `DigitsClassifier` on `load_digits('train')` and measure its accuracy on "
+    "`load_digits('test')`."
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps}")
+    if int(max_shift) != max_shift or not 0 <= max_shift < 4:
+        raise ValueError(f"max_shift must be an integer in [0, 3], got {max_shift}")
+    dev, (xtr, ytr), (xte, yte) = (
+        pick_device(device),
+        load_digits("train"),
+        load_digits("test"),
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
         torch.manual_seed(seed)
-        net, gen = DigitsClassifier(**config).to(dev), torch.Generator().manual_seed(seed)
+        net, gen = (
+            DigitsClassifier(**config).to(dev),
+            torch.Generator().manual_seed(seed),
+        )
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=int(steps))
         t0 = time.perf_counter()
         for _ in tqdm(range(int(steps)), disable=not progress, desc="classifier"):
             i = torch.randint(len(xtr), (batch_size,), generator=gen)
-            loss = F.cross_entropy(net(_random_shift(xtr[i], max_shift, gen).to(dev)), ytr[i].to(dev))
-            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+            loss = F.cross_entropy(
+                net(_random_shift(xtr[i], max_shift, gen).to(dev)), ytr[i].to(dev)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
     net.eval().requires_grad_(False)
-    acc = {n: float((extract_features(x, net)[1].argmax(1) == y.numpy()).mean()) for n, x, y in (("train", xtr, ytr), ("test", xte, yte))}
-    return net, dict(config=net.config, seed=seed, steps=int(steps), batch_size=batch_size, lr=lr, max_shift=max_shift,
-                     train_seconds=round(time.perf_counter() - t0, 1), train_accuracy=acc["train"], test_accuracy=acc["test"],
-                     torch_version=torch.__version__)
+    acc = {
+        n: float((extract_features(x, net)[1].argmax(1) == y.numpy()).mean())
+        for n, x, y in (("train", xtr, ytr), ("test", xte, yte))
+    }
+    return net, dict(
+        config=net.config,
+        seed=seed,
+        steps=int(steps),
+        batch_size=batch_size,
+        lr=lr,
+        max_shift=max_shift,
+        train_seconds=round(time.perf_counter() - t0, 1),
+        train_accuracy=acc["train"],
+        test_accuracy=acc["test"],
+        torch_version=torch.__version__,
+    )
 
 # %% ../nbs/20_metrics.ipynb #d455446e
 def _classifier_path(path=None) -> Path:
     "The shipped weights file, or `path` given by the caller."
-    return Path(path) if path is not None else Path(str(resources.files("simple_diffusion") / "weights" / "digits_classifier.safetensors"))
+    return (
+        Path(path)
+        if path is not None
+        else Path(
+            str(
+                resources.files("simple_diffusion")
+                / "weights"
+                / "digits_classifier.safetensors"
+            )
+        )
+    )
 
-def save_digits_classifier(net: DigitsClassifier,
-                           info: dict,          # facts about the run, e.g. from train_digits_classifier; needs "config"
-                           path=None,           # .safetensors file; default: the package's shipped weights
-                          ) -> Path:
+
+def save_digits_classifier(
+    net: DigitsClassifier,
+    info: dict,  # facts about the run, e.g. from train_digits_classifier; needs "config"
+    path=None,  # .safetensors file; default: the package's shipped weights
+) -> Path:
     "Write the weights (safetensors) and `info` (a JSON file with the same stem)."
     from safetensors.torch import save_file
+
     path = _classifier_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path))
-    path.chmod(0o644)                          # safetensors writes 0600; installed package data must be world-readable
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+        str(path),
+    )
+    path.chmod(
+        0o644
+    )  # safetensors writes 0600; installed package data must be world-readable
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path
 
-def load_digits_classifier(path=None,            # .safetensors file; default: the package's shipped weights
-                           device: str = "cpu",
-                          ) -> DigitsClassifier:  # in eval mode, requires_grad off
-    "Load the digits classifier in eval mode with frozen parameters (the feature network of every metric here)."
+
+def load_digits_classifier(
+    path=None,  # .safetensors file; default: the package's shipped weights
+    device: str = "cpu",
+) -> DigitsClassifier:  # in eval mode, requires_grad off
+    "Load the digits classifier in eval mode with frozen parameters (the feature network of every "
+    "metric here)."
     from safetensors.torch import load_file
+
     path = _classifier_path(path)
     if not path.exists() or not path.with_suffix(".json").exists():
-        raise FileNotFoundError(f"{path} (and its .json) not found; rebuild it with `python scripts/train_digits_classifier.py`")
+        raise FileNotFoundError(
+            f"{path} (and its .json) not found; rebuild it with `python "
+            "scripts/train_digits_classifier.py`"
+        )
     info = json.loads(path.with_suffix(".json").read_text())
     net = DigitsClassifier(**info["config"])
     net.load_state_dict(load_file(str(path)))
@@ -134,157 +214,263 @@ def load_digits_classifier(path=None,            # .safetensors file; default: t
 # %% ../nbs/20_metrics.ipynb #2a916684
 def _check_images(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor [N, C, H, W], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if len(x) == 0 or not torch.isfinite(x).all(): raise ValueError(f"{name} must be non-empty and finite")
+        raise ValueError(
+            f"{name} must be a floating-point tensor [N, C, H, W], got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
+    if len(x) == 0 or not torch.isfinite(x).all():
+        raise ValueError(f"{name} must be non-empty and finite")
     return x
 
-def extract_features(images: torch.Tensor,    # [N, 1, 8, 8] in [-1, 1]
-                     classifier: nn.Module | None = None,  # eval mode, with .features(x) and .head(f); default: load_digits_classifier()
-                     batch_size: int = 256,
-                    ) -> tuple[np.ndarray, np.ndarray]:    # features [N, d] and class probabilities [N, 10], float64
-    "Features φ(x) (penultimate layer) and softmax probabilities p(y|x) of a classifier, without gradients."
+
+def extract_features(
+    images: torch.Tensor,  # [N, 1, 8, 8] in [-1, 1]
+    classifier: nn.Module | None = None,  # eval mode, .features(x) and .head(f); default: shipped
+    batch_size: int = 256,
+) -> tuple[
+    np.ndarray, np.ndarray
+]:  # features [N, d] and class probabilities [N, 10], float64
+    "Features φ(x) (penultimate layer) and softmax probabilities p(y|x) of a classifier, without "
+    "gradients."
     net = load_digits_classifier() if classifier is None else classifier
-    if net.training: raise ValueError("classifier is in training mode: call classifier.eval() first "
-                                      "(batch norm would use batch statistics and dropout would be random)")
+    if net.training:
+        raise ValueError(
+            "classifier is in training mode: call classifier.eval() first "
+            "(batch norm would use batch statistics and dropout would be random)"
+        )
     images = _check_images(images, "images")
     shape = getattr(net, "input_shape", None)
     if shape is not None and tuple(images.shape[1:]) != tuple(shape):
-        raise ValueError(f"images must be [N, {', '.join(map(str, shape))}] for this classifier, got {tuple(images.shape)}")
-    if int(batch_size) != batch_size or batch_size < 1: raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
+        raise ValueError(
+            f"images must be [N, {', '.join(map(str, shape))}] for this classifier, got "
+            f"{tuple(images.shape)}"
+        )
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
     p, feats, probs = next(net.parameters()), [], []
     with torch.inference_mode():
         for xb in images.split(int(batch_size)):
             f = net.features(xb.to(p.device, p.dtype))
-            feats.append(f.double().cpu()); probs.append(net.head(f).double().softmax(-1).cpu())
+            feats.append(f.double().cpu())
+            probs.append(net.head(f).double().softmax(-1).cpu())
     return torch.cat(feats).numpy(), torch.cat(probs).numpy()
 
 # %% ../nbs/20_metrics.ipynb #a5b07413
 def _as_matrix(a, name: str, shape: tuple) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    if a.shape != shape: raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
-    if not np.isfinite(a).all(): raise ValueError(f"{name} must be finite")
+    if a.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} must be finite")
     return a
 
-def frechet_distance(mu1,               # [d] mean of the first Gaussian
-                     sigma1,            # [d, d] its covariance (symmetric, positive semi-definite)
-                     mu2,               # [d] mean of the second Gaussian
-                     sigma2,            # [d, d] its covariance
-                     eps: float = 1e-6, # added to both diagonals if the square root is not finite
-                    ) -> float:
-    "Squared Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2), Eq. (eq-metrics-frechet), in float64."
-    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)); d = mu1.shape[0]
-    if mu1.ndim != 1: raise ValueError(f"mu1 must be a vector [d], got shape {mu1.shape}")
-    mu2, s1, s2 = _as_matrix(mu2, "mu2", (d,)), _as_matrix(sigma1, "sigma1", (d, d)), _as_matrix(sigma2, "sigma2", (d, d))
+
+def frechet_distance(
+    mu1,  # [d] mean of the first Gaussian
+    sigma1,  # [d, d] its covariance (symmetric, positive semi-definite)
+    mu2,  # [d] mean of the second Gaussian
+    sigma2,  # [d, d] its covariance
+    eps: float = 1e-6,  # added to both diagonals if the square root is not finite
+) -> float:
+    """Squared Fréchet distance between N(μ1, Σ1) and N(μ2, Σ2), Eq. (eq-metrics-frechet), in
+    float64."""
+    mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
+    d = mu1.shape[0]
+    if mu1.ndim != 1:
+        raise ValueError(f"mu1 must be a vector [d], got shape {mu1.shape}")
+    mu2, s1, s2 = (
+        _as_matrix(mu2, "mu2", (d,)),
+        _as_matrix(sigma1, "sigma1", (d, d)),
+        _as_matrix(sigma2, "sigma2", (d, d)),
+    )
     mu1 = _as_matrix(mu1, "mu1", (d,))
     covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"sqrtm(sigma1 @ sigma2) is not finite (singular covariances?); adding eps={eps:g} * I to both")
+        warnings.warn(
+            f"sqrtm(sigma1 @ sigma2) is not finite (singular covariances?); adding eps={eps:g} * I "
+            "to both"
+        )
         covmean = linalg.sqrtm((s1 + eps * np.eye(d)) @ (s2 + eps * np.eye(d)))
     if np.iscomplexobj(covmean):
         scale = (np.trace(s1) + np.trace(s2)) / (2 * d)
         if np.abs(covmean.imag).max() > 1e-3 * scale:
-            raise ValueError(f"sqrtm(sigma1 @ sigma2) has an imaginary part {np.abs(covmean.imag).max():.3g} > 1e-3 x "
-                             f"the mean variance {scale:.3g}: sigma1 and sigma2 must be symmetric positive semi-definite")
+            raise ValueError(
+                f"sqrtm(sigma1 @ sigma2) has an imaginary part {np.abs(covmean.imag).max():.3g} > "
+                "1e-3 x "
+                f"the mean variance {scale:.3g}: sigma1 and sigma2 must be symmetric positive "
+                "semi-definite"
+            )
         covmean = covmean.real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return float(
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    )
 
 # %% ../nbs/20_metrics.ipynb #b3b6619b
 def _as_features(x, name: str) -> np.ndarray:
     x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 2: raise ValueError(f"{name} must be a 2-D array [N, d] with N >= 2, got shape {x.shape}")
-    if not np.isfinite(x).all(): raise ValueError(f"{name} must be finite")
+    if x.ndim != 2 or len(x) < 2:
+        raise ValueError(
+            f"{name} must be a 2-D array [N, d] with N >= 2, got shape {x.shape}"
+        )
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} must be finite")
     return x
+
 
 def _feature_pair(a, b, names=("feats_a", "feats_b")) -> tuple[np.ndarray, np.ndarray]:
     a, b = _as_features(a, names[0]), _as_features(b, names[1])
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{names[0]} and {names[1]} must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}")
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same feature dimension, got {a.shape[1]} and "
+            f"{b.shape[1]}"
+        )
     return a, b
 
-def fid_from_features(feats_a,   # [N_a, d] features of the first set (numpy or torch)
-                      feats_b,   # [N_b, d] features of the second set
-                     ) -> float:
+
+def fid_from_features(
+    feats_a,  # [N_a, d] features of the first set (numpy or torch)
+    feats_b,  # [N_b, d] features of the second set
+) -> float:
     "FID: Eq. (eq-metrics-frechet) between Gaussians fitted to two feature sets; warns when N <= d."
     a, b = _feature_pair(feats_a, feats_b)
     for name, x in (("feats_a", a), ("feats_b", b)):
         if len(x) <= x.shape[1]:
-            warnings.warn(f"{name} has N={len(x)} <= d={x.shape[1]} samples: its covariance is singular and the FID "
-                          f"is dominated by sampling noise; use N >> d")
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+            warnings.warn(
+                f"{name} has N={len(x)} <= d={x.shape[1]} samples: its covariance is singular and "
+                "the FID "
+                f"is dominated by sampling noise; use N >> d"
+            )
+    return frechet_distance(
+        a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    )
 
 # %% ../nbs/20_metrics.ipynb #d05761f9
 def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     "Eq. (eq-metrics-mmd-unbiased) with the cubic kernel of Eq. (eq-metrics-kid-kernel)."
     d, m, n = x.shape[1], len(x), len(y)
     kxx, kyy, kxy = ((u @ v.T / d + 1) ** 3 for u, v in ((x, x), (y, y), (x, y)))
-    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1)) - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * kxy.mean()
+    )
 
-def kid(feats_a,                  # [N_a, d] features of the first set
-        feats_b,                  # [N_b, d] features of the second set
-        subsets: int = 100,       # number of random subsets, >= 1
-        subset_size: int = 1000,  # points per subset from each set, >= 2; capped at that set's size
-        seed: int = 0,            # seeds the choice of subsets
-       ) -> tuple[float, float]:  # mean and standard deviation over the subsets
-    "Kernel inception distance: unbiased MMD², Eq. (eq-metrics-mmd-unbiased), averaged over random subsets."
+
+def kid(
+    feats_a,  # [N_a, d] features of the first set
+    feats_b,  # [N_b, d] features of the second set
+    subsets: int = 100,  # number of random subsets, >= 1
+    subset_size: int = 1000,  # points per subset from each set, >= 2; capped at that set's size
+    seed: int = 0,  # seeds the choice of subsets
+) -> tuple[float, float]:  # mean and standard deviation over the subsets
+    "Kernel inception distance: unbiased MMD², Eq. (eq-metrics-mmd-unbiased), averaged over "
+    "random subsets."
     a, b = _feature_pair(feats_a, feats_b)
-    if int(subsets) != subsets or subsets < 1: raise ValueError(f"subsets must be an integer >= 1, got {subsets}")
-    if int(subset_size) != subset_size or subset_size < 2: raise ValueError(f"subset_size must be an integer >= 2, got {subset_size}")
-    ma, mb, rng = min(int(subset_size), len(a)), min(int(subset_size), len(b)), np.random.default_rng(seed)
-    vals = [_mmd2_unbiased(a[rng.choice(len(a), ma, replace=False)], b[rng.choice(len(b), mb, replace=False)]) for _ in range(int(subsets))]
+    if int(subsets) != subsets or subsets < 1:
+        raise ValueError(f"subsets must be an integer >= 1, got {subsets}")
+    if int(subset_size) != subset_size or subset_size < 2:
+        raise ValueError(f"subset_size must be an integer >= 2, got {subset_size}")
+    ma, mb, rng = (
+        min(int(subset_size), len(a)),
+        min(int(subset_size), len(b)),
+        np.random.default_rng(seed),
+    )
+    vals = [
+        _mmd2_unbiased(
+            a[rng.choice(len(a), ma, replace=False)],
+            b[rng.choice(len(b), mb, replace=False)],
+        )
+        for _ in range(int(subsets))
+    ]
     return float(np.mean(vals)), float(np.std(vals))
 
 # %% ../nbs/20_metrics.ipynb #2757ddaf
-def mmd2_rbf(x: torch.Tensor,          # [N, ...] one set of samples
-             y: torch.Tensor,          # [M, ...] the other (same size per example)
-             bandwidth: float = 0.05,  # h of the Gaussian kernel, > 0
-            ) -> float:
+def mmd2_rbf(
+    x: torch.Tensor,  # [N, ...] one set of samples
+    y: torch.Tensor,  # [M, ...] the other (same size per example)
+    bandwidth: float = 0.05,  # h of the Gaussian kernel, > 0
+) -> float:
     """Squared MMD with a Gaussian kernel, the biased V-statistic (>= 0), Eq. (eq-sampling-mmd)
     (Gretton et al. 2012, Eq. 5)."""
     check_tensor(x, "x", floating=False)
     check_tensor(y, "y", floating=False)
     if len(x) < 1 or len(y) < 1 or x[0].numel() != y[0].numel():
-        raise ValueError(f"x and y must be non-empty tensors [N, ...] and [M, ...] with the same size per "
-                         f"example, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must be non-empty tensors [N, ...] and [M, ...] with the same size per "
+            f"example, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     h = check_number(bandwidth, "bandwidth", 0, lo_open=True)
-    x, y = x.detach().reshape(len(x), -1).cpu().double(), y.detach().reshape(len(y), -1).cpu().double()
+    x, y = (
+        x.detach().reshape(len(x), -1).cpu().double(),
+        y.detach().reshape(len(y), -1).cpu().double(),
+    )
     dist = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
     k = lambda a, b: torch.exp(-dist(a, b).square() / (2 * h**2)).mean()
     return float(k(x, x) + k(y, y) - 2 * k(x, y))
 
 # %% ../nbs/20_metrics.ipynb #4de18895
-def inception_score(probs,              # [N, K] class probabilities p(y|x): non-negative, rows sum to 1 (±1e-4)
-                    splits: int = 10,   # number of chunks, 1 <= splits <= N
-                   ) -> tuple[float, float]:  # mean and standard deviation over the chunks
-    "Inception Score exp(E_x KL(p(y|x) || p(y))), Eq. (eq-metrics-is), on `splits` consecutive chunks."
+def inception_score(
+    probs,  # [N, K] class probabilities p(y|x): non-negative, rows sum to 1 (±1e-4)
+    splits: int = 10,  # number of chunks, 1 <= splits <= N
+) -> tuple[float, float]:  # mean and standard deviation over the chunks
+    "Inception Score exp(E_x KL(p(y|x) || p(y))), Eq. (eq-metrics-is), on `splits` consecutive "
+    "chunks."
     from scipy.special import xlogy
+
     p = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else probs
     p = np.asarray(p, dtype=np.float64)
-    if p.ndim != 2 or len(p) < 1: raise ValueError(f"probs must be a 2-D array [N, K], got shape {p.shape}")
+    if p.ndim != 2 or len(p) < 1:
+        raise ValueError(f"probs must be a 2-D array [N, K], got shape {p.shape}")
     if not np.isfinite(p).all() or (p < 0).any() or np.abs(p.sum(1) - 1).max() > 1e-4:
-        raise ValueError("probs must be finite, non-negative, and each row must sum to 1 (within 1e-4); pass softmax outputs, not logits")
-    if int(splits) != splits or not 1 <= splits <= len(p): raise ValueError(f"splits must be an integer in [1, N={len(p)}], got {splits}")
-    scores = [np.exp((xlogy(c, c) - xlogy(c, c.mean(0, keepdims=True))).sum(1).mean()) for c in np.array_split(p, int(splits))]
+        raise ValueError(
+            "probs must be finite, non-negative, and each row must sum to 1 (within 1e-4); pass "
+            "softmax outputs, not logits"
+        )
+    if int(splits) != splits or not 1 <= splits <= len(p):
+        raise ValueError(f"splits must be an integer in [1, N={len(p)}], got {splits}")
+    scores = [
+        np.exp((xlogy(c, c) - xlogy(c, c.mean(0, keepdims=True))).sum(1).mean())
+        for c in np.array_split(p, int(splits))
+    ]
     return float(np.mean(scores)), float(np.std(scores))
 
 # %% ../nbs/20_metrics.ipynb #582443cb
 def _check_k(k, n: int, name: str) -> int:
-    if int(k) != k or not 1 <= k < n: raise ValueError(f"k must be an integer with 1 <= k < N, but k={k} and {name} has N={n} points")
+    if int(k) != k or not 1 <= k < n:
+        raise ValueError(
+            f"k must be an integer with 1 <= k < N, but k={k} and {name} has N={n} points"
+        )
     return int(k)
+
 
 def _knn_radii(x: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
     "Distance from each row of x to its k-th nearest other row (NND_k)."
-    return np.concatenate([np.partition(cdist(x[i:i + chunk], x), k, axis=1)[:, k] for i in range(0, len(x), chunk)])
+    return np.concatenate(
+        [
+            np.partition(cdist(x[i : i + chunk], x), k, axis=1)[:, k]
+            for i in range(0, len(x), chunk)
+        ]
+    )
 
-def _balls_containing(q: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024) -> np.ndarray:
+
+def _balls_containing(
+    q: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk: int = 1024
+) -> np.ndarray:
     "For each row of q: how many balls B(centres_i, radii_i) contain it."
-    return np.concatenate([(cdist(q[i:i + chunk], centres) <= radii).sum(1) for i in range(0, len(q), chunk)])
+    return np.concatenate(
+        [
+            (cdist(q[i : i + chunk], centres) <= radii).sum(1)
+            for i in range(0, len(q), chunk)
+        ]
+    )
 
-def precision_recall(real_feats,      # [N, d] features of real data
-                     fake_feats,      # [M, d] features of generated samples
-                     k: int = 3,      # neighbourhood size, 1 <= k < min(N, M)
-                    ) -> tuple[float, float]:
+
+def precision_recall(
+    real_feats,  # [N, d] features of real data
+    fake_feats,  # [M, d] features of generated samples
+    k: int = 3,  # neighbourhood size, 1 <= k < min(N, M)
+) -> tuple[float, float]:
     "Improved precision and recall with k-NN balls, Eq. (eq-metrics-manifold)."
     x, y = _feature_pair(real_feats, fake_feats, ("real_feats", "fake_feats"))
     k = _check_k(_check_k(k, len(x), "real_feats"), len(y), "fake_feats")
@@ -292,59 +478,94 @@ def precision_recall(real_feats,      # [N, d] features of real data
     recall = (_balls_containing(x, y, _knn_radii(y, k)) > 0).mean()
     return float(precision), float(recall)
 
-def density_coverage(real,            # [N, d] features of real data
-                     fake,            # [M, d] features of generated samples
-                     k: int = 5,      # neighbourhood size, 1 <= k < N
-                    ) -> tuple[float, float]:
+
+def density_coverage(
+    real,  # [N, d] features of real data
+    fake,  # [M, d] features of generated samples
+    k: int = 5,  # neighbourhood size, 1 <= k < N
+) -> tuple[float, float]:
     "Density and coverage with the real k-NN balls only, Eq. (eq-metrics-density-coverage)."
     x, y = _feature_pair(real, fake, ("real", "fake"))
     k = _check_k(k, len(x), "real")
     r = _knn_radii(x, k)
     density = _balls_containing(y, x, r).sum() / (k * len(y))
-    nearest_fake = np.concatenate([cdist(x[i:i + 1024], y).min(1) for i in range(0, len(x), 1024)])
+    nearest_fake = np.concatenate(
+        [cdist(x[i : i + 1024], y).min(1) for i in range(0, len(x), 1024)]
+    )
     return float(density), float((nearest_fake <= r).mean())
 
 # %% ../nbs/20_metrics.ipynb #849dbfcc
-def evaluate_samples(samples: torch.Tensor,     # [M, 1, 8, 8] generated images in [-1, 1] (clamped)
-                     reference: torch.Tensor,   # [N, 1, 8, 8] real images, e.g. load_digits("train")[0]
-                     *,
-                     classifier: nn.Module | None = None,  # eval-mode feature network; default: the shipped one
-                     k: int = 3,                # neighbours for precision/recall
-                     k_density: int = 5,        # neighbours for density/coverage
-                     kid_subsets: int = 100,
-                     kid_subset_size: int = 1000,
-                     is_splits: int = 10,
-                     seed: int = 0,             # seeds KID's subsets
-                     batch_size: int = 256,
-                    ) -> dict:
-    "FID, KID, Inception Score, precision/recall and density/coverage of `samples` against `reference`."
+def evaluate_samples(
+    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (clamped)
+    reference: torch.Tensor,  # [N, 1, 8, 8] real images, e.g. load_digits("train")[0]
+    *,
+    classifier: nn.Module | None = None,  # eval-mode feature network; default: the shipped one
+    k: int = 3,  # neighbours for precision/recall
+    k_density: int = 5,  # neighbours for density/coverage
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    is_splits: int = 10,
+    seed: int = 0,  # seeds KID's subsets
+    batch_size: int = 256,
+) -> dict:
+    """FID, KID, Inception Score, precision/recall and density/coverage of `samples` against
+    `reference`."""
     net = load_digits_classifier() if classifier is None else classifier
-    fs, ps = extract_features(_check_images(samples, "samples").clamp(-1, 1), net, batch_size)
+    fs, ps = extract_features(
+        _check_images(samples, "samples").clamp(-1, 1), net, batch_size
+    )
     fr, _ = extract_features(_check_images(reference, "reference"), net, batch_size)
     precision, recall = precision_recall(fr, fs, k=k)
     density, coverage = density_coverage(fr, fs, k=k_density)
-    return dict(n_samples=len(fs), n_reference=len(fr), fid=fid_from_features(fs, fr),
-                kid=kid(fs, fr, kid_subsets, kid_subset_size, seed), inception_score=inception_score(ps, is_splits),
-                precision=precision, recall=recall, density=density, coverage=coverage)
+    return dict(
+        n_samples=len(fs),
+        n_reference=len(fr),
+        fid=fid_from_features(fs, fr),
+        kid=kid(fs, fr, kid_subsets, kid_subset_size, seed),
+        inception_score=inception_score(ps, is_splits),
+        precision=precision,
+        recall=recall,
+        density=density,
+        coverage=coverage,
+    )
 
 # %% ../nbs/20_metrics.ipynb #23d79efc
-def inception_features(images: torch.Tensor,  # [N, C, H, W] in [-1, 1], C in {1, 3}, H, W >= 32
-                       batch_size: int = 64,
-                      ) -> np.ndarray:         # [N, 2048] float64
-    "Optional: pool features of torchvision's ImageNet Inception-v3 (needs torchvision and its weights)."
-    try: from torchvision.models import Inception_V3_Weights, inception_v3
+def inception_features(
+    images: torch.Tensor,  # [N, C, H, W] in [-1, 1], C in {1, 3}, H, W >= 32
+    batch_size: int = 64,
+) -> np.ndarray:  # [N, 2048] float64
+    "Optional: pool features of torchvision's ImageNet Inception-v3 (needs torchvision and its "
+    "weights)."
+    try:
+        from torchvision.models import Inception_V3_Weights, inception_v3
     except Exception as e:
-        raise ImportError("inception_features needs torchvision with its ImageNet weights (pip install torchvision); "
-                          "use extract_features with the digits classifier otherwise") from e
+        raise ImportError(
+            "inception_features needs torchvision with its ImageNet weights (pip install "
+            "torchvision); "
+            "use extract_features with the digits classifier otherwise"
+        ) from e
     x = _check_images(images, "images")
-    if x.shape[1] not in (1, 3) or min(x.shape[-2:]) < 32: raise ValueError(f"images must be [N, 1 or 3, H >= 32, W >= 32], got {tuple(x.shape)}")
-    net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1).eval().requires_grad_(False).to(x.device)
-    net.fc = nn.Identity()                     # keep the 2048-d pool layer
+    if x.shape[1] not in (1, 3) or min(x.shape[-2:]) < 32:
+        raise ValueError(
+            f"images must be [N, 1 or 3, H >= 32, W >= 32], got {tuple(x.shape)}"
+        )
+    net = (
+        inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
+        .eval()
+        .requires_grad_(False)
+        .to(x.device)
+    )
+    net.fc = nn.Identity()  # keep the 2048-d pool layer
     mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
     out = []
     with torch.inference_mode():
         for xb in x.split(batch_size):
-            xb = F.interpolate(((xb.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear", align_corners=False)
+            xb = F.interpolate(
+                ((xb.clamp(-1, 1) + 1) / 2).expand(-1, 3, -1, -1),
+                size=(299, 299),
+                mode="bilinear",
+                align_corners=False,
+            )
             out.append(net((xb - mean) / std).double().cpu())
     return torch.cat(out).numpy()

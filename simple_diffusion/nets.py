@@ -304,7 +304,7 @@ class UNet(nn.Module):
             2,
         ),  # width multiplier per level; H, W divisible by 2^(len-1)
         num_res_blocks: int = 2,  # ResBlocks per level on the way down (one more on the way up)
-        attention_levels: tuple | None = None,  # levels with attention (0 = full res.); None: lowest
+        attention_levels: tuple | None = None,  # attention levels (0: full res.); None: lowest
         dropout: float = 0.0,  # dropout inside every ResBlock
         num_classes: int | None = None,  # K: labels 0 … K-1, and K (or y=None) = unconditional
         learn_sigma: bool = False,  # double the output channels: ε and the variance numbers

@@ -13,7 +13,7 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['PREDICTIONS', 'VARIANCES', 'x0_from_eps', 'eps_from_x0', 'v_from_x0_eps', 'x0_from_v', 'eps_from_v',
-           'x0_eps_from_output', 'PMeanVar', 'p_mean_variance']
+           'x0_eps_from_output', 'PMeanVar', 'fixed_large_variance', 'reverse_log_variance', 'p_mean_variance']
 
 # %% ../nbs/05_parameterization.ipynb #aa932426
 PREDICTIONS = ("eps", "x0", "v")
@@ -136,14 +136,14 @@ class PMeanVar(NamedTuple):
     pred_x0: torch.Tensor
 
 
-def _fixed_large_variance(schedule):
+def fixed_large_variance(schedule):
     "(β̃_2, β_2, …, β_T): the 'fixed_large' table of improved-diffusion ([T], float64)."
     return torch.cat(
         [schedule.posterior_log_variance_clipped[:1].exp(), schedule.betas[1:]]
     )
 
 
-def _reverse_log_variance(schedule, t, xt, variance, var_values):
+def reverse_log_variance(schedule, t, xt, variance, var_values):
     """(variance, log-variance) of the reverse step, shaped like xt, Eq. (eq-param-learned-range)
     for 'learned_range'."""
     if variance == "learned_range":
@@ -158,7 +158,7 @@ def _reverse_log_variance(schedule, t, xt, variance, var_values):
             schedule.gather("posterior_log_variance_clipped", t, xt),
         )
     else:
-        table = _fixed_large_variance(schedule)
+        table = fixed_large_variance(schedule)
         var, log_var = (
             schedule.gather(table, t, xt),
             schedule.gather(table.log(), t, xt),
@@ -206,7 +206,7 @@ def p_mean_variance(
         )
     out = out.to(xt.dtype)
     out, var_values = out.chunk(2, dim=1) if learned else (out, None)
-    var, log_var = _reverse_log_variance(schedule, t, xt, variance, var_values)
+    var, log_var = reverse_log_variance(schedule, t, xt, variance, var_values)
     pred_x0, _ = x0_eps_from_output(schedule, xt, t, out, prediction, clip_denoised)
     return PMeanVar(
         q_posterior_mean_variance(schedule, pred_x0, xt, t)[0], var, log_var, pred_x0

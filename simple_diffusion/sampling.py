@@ -12,12 +12,22 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .core import (check_choice, check_int, check_number, check_tensor, pick_device,
-                                   randn)
-from .metrics import mmd2_rbf  # noqa: F401  (re-exported: its old home was here)
-from .parameterization import (PREDICTIONS, VARIANCES, _fixed_large_variance,
-                                               _reverse_log_variance, eps_from_x0,
-                                               x0_eps_from_output)
+from simple_diffusion.core import (
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    pick_device,
+    randn,
+)
+from simple_diffusion.parameterization import (
+    PREDICTIONS,
+    VARIANCES,
+    fixed_large_variance,
+    reverse_log_variance,
+    eps_from_x0,
+    x0_eps_from_output,
+)
 from .schedules import NoiseSchedule
 
 # %% auto #0
@@ -26,13 +36,14 @@ __all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'MAX_STEP_RATIO', 'X0_LIMIT', 'D
            'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'sample']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
-def ddpm_step(x: torch.Tensor,        # [B, ...] x_t
-              x0: torch.Tensor,       # [B, ...] the prediction x̂_0
-              coef1: float,           # c̃_1(t), posterior_mean_coef1 of the (respaced) schedule
-              coef2: float,           # c̃_2(t), posterior_mean_coef2
-              std,                    # σ_t: a float, or [B, ...] for a learned variance
-              noise: torch.Tensor | None = None,  # [B, ...] z ~ N(0, I); None at the last step
-             ) -> torch.Tensor:       # [B, ...] x_{t-1}
+def ddpm_step(
+    x: torch.Tensor,  # [B, ...] x_t
+    x0: torch.Tensor,  # [B, ...] the prediction x̂_0
+    coef1: float,  # c̃_1(t), posterior_mean_coef1 of the (respaced) schedule
+    coef2: float,  # c̃_2(t), posterior_mean_coef2
+    std,  # σ_t: a float, or [B, ...] for a learned variance
+    noise: torch.Tensor | None = None,  # [B, ...] z ~ N(0, I); None at the last step
+) -> torch.Tensor:  # [B, ...] x_{t-1}
     "One ancestral step, Eq. (eq-sampling-ddpm) (Ho et al. 2020, Algorithm 2)."
     mean = coef1 * x0 + coef2 * x
     return mean if noise is None else mean + std * noise
@@ -40,7 +51,9 @@ def ddpm_step(x: torch.Tensor,        # [B, ...] x_t
 # %% ../nbs/12_sampling.ipynb #09201712
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m")
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm")
-SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
+SIGMA_MAX = (
+    80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
+)
 
 
 def _half_log_snr(abar):
@@ -52,25 +65,36 @@ def _spaced_by_lambda(abar, S, spacing, rho):
     "S ascending code steps in [0, t_max], uniform in λ ('logsnr') or in σ^(1/ρ) ('edm')."
     t_max = int((abar >= 1 / (1 + SIGMA_MAX**2)).sum()) - 1
     S = check_int(S, "steps", 1, t_max + 1)
-    lam = _half_log_snr(abar[:t_max + 1])
+    lam = _half_log_snr(abar[: t_max + 1])
     u = np.linspace(0.0, 1.0, S) if S > 1 else np.zeros(1)
-    if spacing == "logsnr": target = lam[-1] + u * (lam[0] - lam[-1])
+    if spacing == "logsnr":
+        target = lam[-1] + u * (lam[0] - lam[-1])
     else:
-        hi, lo = math.exp(-lam[-1] / rho), math.exp(-lam[0] / rho)      # σ_max^(1/ρ), σ_min^(1/ρ)
+        hi, lo = (
+            math.exp(-lam[-1] / rho),
+            math.exp(-lam[0] / rho),
+        )  # σ_max^(1/ρ), σ_min^(1/ρ)
         target = -rho * np.log(hi + u * (lo - hi))
-    t = np.interp(target, lam[::-1], np.arange(t_max + 1)[::-1]).round().astype(np.int64)
+    t = (
+        np.interp(target, lam[::-1], np.arange(t_max + 1)[::-1])
+        .round()
+        .astype(np.int64)
+    )
     t = np.sort(t)
-    for i in range(1, S): t[i] = max(t[i], t[i - 1] + 1)        # strictly increasing...
-    for i in reversed(range(S)): t[i] = min(t[i], t_max - (S - 1 - i))   # ...and within [0, t_max]
+    for i in range(1, S):
+        t[i] = max(t[i], t[i - 1] + 1)  # strictly increasing...
+    for i in reversed(range(S)):
+        t[i] = min(t[i], t_max - (S - 1 - i))  # ...and within [0, t_max]
     return t
 
 
-def space_timesteps(num_timesteps: int,          # T of the trained model
-                    steps: int,                  # S, the number of steps to keep, 1 <= S <= T
-                    spacing: str = "leading",    # one of SPACINGS
-                    alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
-                    rho: float = 7.0,            # EDM's ρ > 0 ('edm' only)
-                   ) -> torch.Tensor:            # [S] long, ascending code timesteps in [0, T)
+def space_timesteps(
+    num_timesteps: int,  # T of the trained model
+    steps: int,  # S, the number of steps to keep, 1 <= S <= T
+    spacing: str = "leading",  # one of SPACINGS
+    alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
+    rho: float = 7.0,  # EDM's ρ > 0 ('edm' only)
+) -> torch.Tensor:  # [S] long, ascending code timesteps in [0, T)
     """The S code timesteps a respaced sampler visits. 'linspace', 'leading', 'trailing': diffusers'
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
     σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = SIGMA_MAX."""
@@ -81,33 +105,54 @@ def space_timesteps(num_timesteps: int,          # T of the trained model
             raise ValueError(f"alphas_cumprod is required for spacing={spacing!r}")
         ab = check_tensor(alphas_cumprod, "alphas_cumprod", shape=(T,))
         ab = ab.detach().cpu().double().numpy()
-        t = _spaced_by_lambda(ab, steps, spacing, check_number(rho, "rho", 0, lo_open=True))
+        t = _spaced_by_lambda(
+            ab, steps, spacing, check_number(rho, "rho", 0, lo_open=True)
+        )
         return torch.as_tensor(t)
     S = check_int(steps, "steps", 1, T)
-    if spacing == "linspace": t = np.linspace(0, T - 1, S).round()
-    elif spacing == "leading": t = np.arange(S) * (T // S)
-    else: t = np.round(T - np.arange(S)[::-1] * T / S) - 1
+    if spacing == "linspace":
+        t = np.linspace(0, T - 1, S).round()
+    elif spacing == "leading":
+        t = np.arange(S) * (T // S)
+    else:
+        t = np.round(T - np.arange(S)[::-1] * T / S) - 1
     return torch.as_tensor(t.astype(np.int64))
 
 # %% ../nbs/12_sampling.ipynb #3a33eb04
 class SpacedSchedule(NoiseSchedule):
     """The schedule on a subsequence τ of another's steps, Eq. (eq-sampling-respace)
     (Nichol & Dhariwal 2021, Sec. 4); `timesteps[i]` is the original code t of step i."""
-    def __init__(self,
-                 schedule: NoiseSchedule,   # the model's schedule (or a SpacedSchedule)
-                 timesteps: torch.Tensor,   # [S] strictly increasing code timesteps to keep
-                ):
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,  # the model's schedule (or a SpacedSchedule)
+        timesteps: torch.Tensor,  # [S] strictly increasing code timesteps to keep
+    ):
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
         ts = torch.as_tensor(timesteps).cpu()
         T = schedule.num_timesteps
-        if (ts.is_floating_point() or ts.ndim != 1 or len(ts) < 1 or (ts.diff() <= 0).any()
-                or ts[0] < 0 or ts[-1] >= T):
-            raise ValueError(f"timesteps must be a strictly increasing 1-D integer sequence in "
-                             f"[0, {T - 1}], got {ts.tolist()[:6]}")
+        if (
+            ts.is_floating_point()
+            or ts.ndim != 1
+            or len(ts) < 1
+            or (ts.diff() <= 0).any()
+            or ts[0] < 0
+            or ts[-1] >= T
+        ):
+            raise ValueError(
+                f"timesteps must be a strictly increasing 1-D integer sequence in "
+                f"[0, {T - 1}], got {ts.tolist()[:6]}"
+            )
         log_abar = schedule.alphas_cumprod.cpu()[ts].log()
-        super().__init__(-torch.expm1(log_abar - torch.cat([log_abar.new_zeros(1), log_abar[:-1]])))
-        orig = getattr(schedule, "timesteps", None)     # respacing a respaced one composes the maps
+        super().__init__(
+            -torch.expm1(log_abar - torch.cat([log_abar.new_zeros(1), log_abar[:-1]]))
+        )
+        orig = getattr(
+            schedule, "timesteps", None
+        )  # respacing a respaced one composes the maps
         self.timesteps = ts.long() if orig is None else orig[ts]
         self.original_alphas_cumprod = schedule.alphas_cumprod.cpu()[ts]
 
@@ -116,11 +161,17 @@ class SpacedSchedule(NoiseSchedule):
         return f"SpacedSchedule(S={self.num_timesteps}, timesteps={ts[0].item()}…{ts[-1].item()})"
 
 
-def respace(schedule: NoiseSchedule, steps: int, spacing: str = "leading") -> SpacedSchedule:
+def respace(
+    schedule: NoiseSchedule, steps: int, spacing: str = "leading"
+) -> SpacedSchedule:
     "The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace)."
     if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    ts = space_timesteps(schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod)
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    ts = space_timesteps(
+        schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod
+    )
     return SpacedSchedule(schedule, ts)
 
 # %% ../nbs/12_sampling.ipynb #9c65cdf4
@@ -129,72 +180,92 @@ def ddim_sigma(abar: float, abar_prev: float, eta: float) -> float:
     return eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
 
 
-def ddim_step(x: torch.Tensor,                  # [B, ...] x_t
-              x0: torch.Tensor,                 # [B, ...] the prediction x̂_0
-              eps: torch.Tensor,                # [B, ...] the prediction ε̂, consistent with x̂_0
-              abar: float,                      # ᾱ_t
-              abar_prev: float,                 # ᾱ_{t-1} of the respaced schedule; 1 at the last
-              eta: float = 0.0,                 # η in [0, 1]: 0 deterministic, 1 DDPM
-              noise: torch.Tensor | None = None,  # [B, ...] z ~ N(0, I); needed when σ_t(η) > 0
-             ) -> torch.Tensor:                 # [B, ...] x_{t-1}
+def ddim_step(
+    x: torch.Tensor,  # [B, ...] x_t
+    x0: torch.Tensor,  # [B, ...] the prediction x̂_0
+    eps: torch.Tensor,  # [B, ...] the prediction ε̂, consistent with x̂_0
+    abar: float,  # ᾱ_t
+    abar_prev: float,  # ᾱ_{t-1} of the respaced schedule; 1 at the last
+    eta: float = 0.0,  # η in [0, 1]: 0 deterministic, 1 DDPM
+    noise: torch.Tensor | None = None,  # [B, ...] z ~ N(0, I); needed when σ_t(η) > 0
+) -> torch.Tensor:  # [B, ...] x_{t-1}
     "One DDIM step, Eq. (eq-sampling-ddim) (Song et al. 2021, Eq. 12)."
     sigma = ddim_sigma(abar, abar_prev, eta)
-    x_prev = math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
-    if sigma == 0: return x_prev
+    x_prev = (
+        math.sqrt(abar_prev) * x0 + math.sqrt(max(1 - abar_prev - sigma**2, 0.0)) * eps
+    )
+    if sigma == 0:
+        return x_prev
     if noise is None:
         raise ValueError(f"noise is required when eta > 0 (eta={eta}, σ_t={sigma:.3g})")
     return x_prev + sigma * noise
 
 # %% ../nbs/12_sampling.ipynb #7c36ad7b
-MAX_STEP_RATIO = 2.0  # multistep solvers drop an order when h > MAX_STEP_RATIO × the last h
+MAX_STEP_RATIO = (
+    2.0  # multistep solvers drop an order when h > MAX_STEP_RATIO × the last h
+)
 
 
-def dpmpp2m_step(x: torch.Tensor,                  # [B, ...] x_s
-                 x0: torch.Tensor,                 # [B, ...] x̂_0 at s
-                 abar_s: float,                    # ᾱ_s of the current step
-                 abar_t: float,                    # ᾱ_t of the target step; 1 at the last
-                 x0_u: torch.Tensor | None = None,  # [B, ...] x̂_0 of the previous (noisier) step u
-                 abar_u: float | None = None,      # ᾱ_u of that step
-                ) -> torch.Tensor:                 # [B, ...] x_t
+def dpmpp2m_step(
+    x: torch.Tensor,  # [B, ...] x_s
+    x0: torch.Tensor,  # [B, ...] x̂_0 at s
+    abar_s: float,  # ᾱ_s of the current step
+    abar_t: float,  # ᾱ_t of the target step; 1 at the last
+    x0_u: torch.Tensor | None = None,  # [B, ...] x̂_0 of the previous (noisier) step u
+    abar_u: float | None = None,  # ᾱ_u of that step
+) -> torch.Tensor:  # [B, ...] x_t
     """One DPM-Solver++(2M) step, Eqs. (eq-sampling-dpm1), (eq-sampling-dpmpp2m) (Lu et al. 2022,
     Algorithm 2); first order (= DDIM, η = 0) without x0_u or when ᾱ_t = 1."""
     if x0_u is not None and abar_t < 1 and abar_u > 0:
-        lam_s, lam_t, lam_u = _half_log_snr(abar_s), _half_log_snr(abar_t), _half_log_snr(abar_u)
-        step_ratio = (lam_t - lam_s) / (lam_s - lam_u)                    # 1/r = h / h_last
-        if step_ratio <= MAX_STEP_RATIO: x0 = x0 + 0.5 * step_ratio * (x0 - x0_u)
-    ratio = math.sqrt((1 - abar_t) / (1 - abar_s))                      # σ_t / σ_s
+        lam_s, lam_t, lam_u = (
+            _half_log_snr(abar_s),
+            _half_log_snr(abar_t),
+            _half_log_snr(abar_u),
+        )
+        step_ratio = (lam_t - lam_s) / (lam_s - lam_u)  # 1/r = h / h_last
+        if step_ratio <= MAX_STEP_RATIO:
+            x0 = x0 + 0.5 * step_ratio * (x0 - x0_u)
+    ratio = math.sqrt((1 - abar_t) / (1 - abar_s))  # σ_t / σ_s
     return ratio * x + math.sqrt(abar_t) * (1 - ratio * math.sqrt(abar_s / abar_t)) * x0
 
 # %% ../nbs/12_sampling.ipynb #c3e92df0
-def dpmpp3m_step(x: torch.Tensor,                  # [B, ...] x_s
-                 x0: torch.Tensor,                 # [B, ...] x̂_0 at s
-                 abar_s: float,                    # ᾱ_s of the current step
-                 abar_t: float,                    # ᾱ_t of the target step; 1 at the last
-                 x0_u: torch.Tensor | None = None,  # [B, ...] x̂_0 of the previous step u
-                 abar_u: float | None = None,      # ᾱ_u
-                 x0_v: torch.Tensor | None = None,  # [B, ...] x̂_0 of the step before u, v
-                 abar_v: float | None = None,      # ᾱ_v
-                ) -> torch.Tensor:                 # [B, ...] x_t
+def dpmpp3m_step(
+    x: torch.Tensor,  # [B, ...] x_s
+    x0: torch.Tensor,  # [B, ...] x̂_0 at s
+    abar_s: float,  # ᾱ_s of the current step
+    abar_t: float,  # ᾱ_t of the target step; 1 at the last
+    x0_u: torch.Tensor | None = None,  # [B, ...] x̂_0 of the previous step u
+    abar_u: float | None = None,  # ᾱ_u
+    x0_v: torch.Tensor | None = None,  # [B, ...] x̂_0 of the step before u, v
+    abar_v: float | None = None,  # ᾱ_v
+) -> torch.Tensor:  # [B, ...] x_t
     """One third-order multistep step, Eq. (eq-sampling-dpmpp3m): the quadratic through the last
     three x̂_0 in λ, integrated exactly (Lu et al. 2022, Sec. 4.2, with exact weights); lower
     order without the history or when ᾱ_t = 1."""
     lower = lambda: dpmpp2m_step(x, x0, abar_s, abar_t, x0_u, abar_u)
-    if x0_v is None or abar_t >= 1 or abar_v <= 0: return lower()
+    if x0_v is None or abar_t >= 1 or abar_v <= 0:
+        return lower()
     lam_s, lam_t = _half_log_snr(abar_s), _half_log_snr(abar_t)
     lam_u, lam_v = _half_log_snr(abar_u), _half_log_snr(abar_v)
     h, h0, h1 = lam_t - lam_s, lam_s - lam_u, lam_u - lam_v
-    if h > MAX_STEP_RATIO * h0 or h0 > MAX_STEP_RATIO * h1: return lower()
+    if h > MAX_STEP_RATIO * h0 or h0 > MAX_STEP_RATIO * h1:
+        return lower()
     f1, f1_prev = (x0 - x0_u) / h0, (x0_u - x0_v) / h1
-    f2 = (f1 - f1_prev) / (h0 + h1)                      # p(τ) = x̂_0 + (f1 + h0 f2) τ + f2 τ²
-    em = math.expm1(-h)                                  # e^{-h} - 1
-    w0, w1, w2 = -em, h + em, h * h - 2 * h - 2 * em     # ∫_0^h e^{τ-h} τ^k dτ, k = 0, 1, 2
+    f2 = (f1 - f1_prev) / (h0 + h1)  # p(τ) = x̂_0 + (f1 + h0 f2) τ + f2 τ²
+    em = math.expm1(-h)  # e^{-h} - 1
+    w0, w1, w2 = (
+        -em,
+        h + em,
+        h * h - 2 * h - 2 * em,
+    )  # ∫_0^h e^{τ-h} τ^k dτ, k = 0, 1, 2
     ratio = math.sqrt((1 - abar_t) / (1 - abar_s))
     return ratio * x + math.sqrt(abar_t) * (w0 * x0 + w1 * (f1 + h0 * f2) + w2 * f2)
 
 # %% ../nbs/12_sampling.ipynb #dc9c82f0
-def dynamic_threshold(x0: torch.Tensor,            # [B, ...] the prediction x̂_0
-                      percentile: float = 0.995,   # p in (0, 1]: the quantile of |x̂_0| used as s
-                     ) -> torch.Tensor:            # [B, ...] in [-1, 1]
+def dynamic_threshold(
+    x0: torch.Tensor,  # [B, ...] the prediction x̂_0
+    percentile: float = 0.995,  # p in (0, 1]: the quantile of |x̂_0| used as s
+) -> torch.Tensor:  # [B, ...] in [-1, 1]
     """Dynamic thresholding, Eq. (eq-sampling-threshold) (Saharia et al. 2022, Sec. 2.3):
     s = max(1, quantile_p |x̂_0|); clip to ±s, divide by s."""
     p = check_number(percentile, "percentile", 0, 1, lo_open=True)
@@ -206,39 +277,60 @@ def dynamic_threshold(x0: torch.Tensor,            # [B, ...] the prediction x̂
 class Denoiser:
     """A network as every sampler sees it: (x_t, code step t) -> (x̂_0, ε̂) with one network call,
     Eqs. (eq-param-x0-eps), (eq-param-v-inverse) (Salimans & Ho 2022, Eq. 9 for v)."""
-    def __init__(self,
-                 model: Callable,                 # model(x_t, t, **model_kwargs) -> [B, C, ...]
-                 schedule: NoiseSchedule,         # the schedule the model was trained with
-                 prediction: str = "eps",         # what the model predicts, one of PREDICTIONS
-                 clip_denoised: bool = False,     # clip x̂_0 to [-1, 1] (images)
-                 threshold: float | None = None,  # dynamic thresholding at this percentile instead
-                 learned_range: bool = False,     # the model also outputs C variance channels
-                ):
+
+    def __init__(
+        self,
+        model: Callable,  # model(x_t, t, **model_kwargs) -> [B, C, ...]
+        schedule: NoiseSchedule,  # the schedule the model was trained with
+        prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
+        clip_denoised: bool = False,  # clip x̂_0 to [-1, 1] (images)
+        threshold: float | None = None,  # dynamic thresholding at this percentile instead
+        learned_range: bool = False,  # the model also outputs C variance channels
+    ):
         if not isinstance(schedule, NoiseSchedule):
-            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+            raise ValueError(
+                f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+            )
         if not callable(model):
             raise ValueError(f"model must be callable, got {type(model).__name__}")
         self.prediction = check_choice(prediction, PREDICTIONS, "prediction")
         if threshold is not None and clip_denoised:
             raise ValueError("use clip_denoised=True or threshold=p, not both")
-        if threshold is not None: check_number(threshold, "percentile", 0, 1, lo_open=True)
-        self.model, self.schedule, self.clip_denoised = model, schedule, bool(clip_denoised)
+        if threshold is not None:
+            check_number(threshold, "percentile", 0, 1, lo_open=True)
+        self.model, self.schedule, self.clip_denoised = (
+            model,
+            schedule,
+            bool(clip_denoised),
+        )
         self.threshold, self.learned_range = threshold, bool(learned_range)
 
-    def __call__(self,
-                 x: torch.Tensor,             # [B, C, ...] x_t
-                 t: int,                      # the code step of x_t, in [0, T)
-                 model_kwargs: dict | None = None,  # extra model inputs for this batch
-                ) -> tuple:                   # (x̂_0, ε̂, variance channels or None), like x
+    def __call__(
+        self,
+        x: torch.Tensor,  # [B, C, ...] x_t
+        t: int,  # the code step of x_t, in [0, T)
+        model_kwargs: dict | None = None,  # extra model inputs for this batch
+    ) -> tuple:  # (x̂_0, ε̂, variance channels or None), like x
         tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
         out = self.model(x, tt, **(model_kwargs or {}))
-        want = (len(x), 2 * x.shape[1], *x.shape[2:]) if self.learned_range else tuple(x.shape)
+        want = (
+            (len(x), 2 * x.shape[1], *x.shape[2:])
+            if self.learned_range
+            else tuple(x.shape)
+        )
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            got = (
+                tuple(out.shape)
+                if isinstance(out, torch.Tensor)
+                else type(out).__name__
+            )
             raise ValueError(f"model output must have shape {want}, got {got}")
         out, var_values = out.to(x.dtype), None
-        if self.learned_range: out, var_values = out.chunk(2, dim=1)
-        x0, eps = x0_eps_from_output(self.schedule, x, tt, out, self.prediction, self.clip_denoised)
+        if self.learned_range:
+            out, var_values = out.chunk(2, dim=1)
+        x0, eps = x0_eps_from_output(
+            self.schedule, x, tt, out, self.prediction, self.clip_denoised
+        )
         if self.threshold is not None:
             x0 = dynamic_threshold(x0, self.threshold)
             eps = eps_from_x0(self.schedule, x, tt, x0)
@@ -252,12 +344,17 @@ class Denoiser:
 # %% ../nbs/12_sampling.ipynb #77ce2fe1
 class Trajectory(NamedTuple):
     "What `sample(..., return_trajectory=True)` returns besides the samples."
-    x: torch.Tensor          # [S+1, N, ...] x_T, then the state after each step (last: the sample)
-    pred_x0: torch.Tensor    # [S, N, ...] the x̂_0 of each step (after the hook)
-    timesteps: torch.Tensor  # [S] the original code timesteps visited, in order (descending)
+
+    x: (
+        torch.Tensor
+    )  # [S+1, N, ...] x_T, then the state after each step (last: the sample)
+    pred_x0: torch.Tensor  # [S, N, ...] the x̂_0 of each step (after the hook)
+    timesteps: (
+        torch.Tensor
+    )  # [S] the original code timesteps visited, in order (descending)
 
 
-X0_LIMIT = 20.0   # samples beyond ±X0_LIMIT (data are scaled to about [-1, 1]) trigger a warning
+X0_LIMIT = 20.0  # samples beyond ±X0_LIMIT (data are scaled to about [-1, 1]) trigger a warning
 
 
 class SamplingWarning(RuntimeWarning):
@@ -266,36 +363,42 @@ class SamplingWarning(RuntimeWarning):
 
 def _ddpm_std(spaced, variance):
     "σ_t of every step for a fixed variance ('fixed_small': β̃, 'fixed_large': β), as floats."
-    log_var = (_fixed_large_variance(spaced).log() if variance == "fixed_large"
-               else spaced.posterior_log_variance_clipped)
+    log_var = (
+        fixed_large_variance(spaced).log()
+        if variance == "fixed_large"
+        else spaced.posterior_log_variance_clipped
+    )
     return (0.5 * log_var).exp().tolist()
 
 
 def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta):
     "One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ))."
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else 1.0
-    if sampler == "ddpm": return ddpm_step(x, x0, *co, z)
-    if sampler == "ddim": return ddim_step(x, x0, eps, abar, abar_prev, eta, z)
+    if sampler == "ddpm":
+        return ddpm_step(x, x0, *co, z)
+    if sampler == "ddim":
+        return ddim_step(x, x0, eps, abar, abar_prev, eta, z)
     if sampler == "dpmpp2m":
         return dpmpp2m_step(x, x0, abar, abar_prev, *(hist[-1] if hist else ()))
     flat = [v for pair in reversed(hist[-2:]) for v in pair]
     return dpmpp3m_step(x, x0, abar, abar_prev, *flat)
 
 # %% ../nbs/12_sampling.ipynb #073422da
-def run_sampler(denoiser: Denoiser,        # the network, its schedule and prediction type
-                spaced: SpacedSchedule,    # the time discretisation, from `respace`
-                x_T: torch.Tensor,         # [N, ...] the starting noise
-                sampler: str = "ddim",     # the step rule, one of SAMPLERS
-                eta: float = 0.0,          # DDIM's η in [0, 1]
-                *,
-                variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES
-                generator: torch.Generator | None = None,  # source of the per-step noise
-                hook: Callable | None = None,   # hook(i, t, x, x̂_0) -> new x̂_0 or None
-                model_kwargs: dict | None = None,  # extra model inputs; [N, ...] ones are chunked
-                batch_size: int | None = None,  # samples per network call; None: all N
-                return_trajectory: bool = False,  # also return a Trajectory
-                progress: bool = False,     # show a tqdm progress bar
-               ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] samples
+def run_sampler(
+    denoiser: Denoiser,  # the network, its schedule and prediction type
+    spaced: SpacedSchedule,  # the time discretisation, from `respace`
+    x_T: torch.Tensor,  # [N, ...] the starting noise
+    sampler: str = "ddim",  # the step rule, one of SAMPLERS
+    eta: float = 0.0,  # DDIM's η in [0, 1]
+    *,
+    variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES
+    generator: torch.Generator | None = None,  # source of the per-step noise
+    hook: Callable | None = None,  # hook(i, t, x, x̂_0) -> new x̂_0 or None
+    model_kwargs: dict | None = None,  # extra model inputs; [N, ...] ones are chunked
+    batch_size: int | None = None,  # samples per network call; None: all N
+    return_trajectory: bool = False,  # also return a Trajectory
+    progress: bool = False,  # show a tqdm progress bar
+) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] samples
     """Run `sampler` over the steps of `spaced`: steps outer, chunks inner, each step's noise drawn
     for all N at once (so batch_size never changes the samples), Eqs. (eq-sampling-ddpm) to
     (eq-sampling-dpmpp3m) (Ho et al. 2020, Alg. 2; Song et al. 2021, Eq. 12; Lu et al. 2022,
@@ -303,14 +406,21 @@ def run_sampler(denoiser: Denoiser,        # the network, its schedule and predi
     S, N = spaced.num_timesteps, len(x_T)
     bs = batch_size or N
     chunks = [slice(lo, lo + bs) for lo in range(0, N, bs)]
-    kws = [{k: v[c] if isinstance(v, torch.Tensor) and v.ndim and len(v) == N else v
-            for k, v in (model_kwargs or {}).items()} for c in chunks]
+    kws = [
+        {
+            k: v[c] if isinstance(v, torch.Tensor) and v.ndim and len(v) == N else v
+            for k, v in (model_kwargs or {}).items()
+        }
+        for c in chunks
+    ]
     ab = spaced.original_alphas_cumprod.tolist()
     c1, c2 = spaced.posterior_mean_coef1.tolist(), spaced.posterior_mean_coef2.tolist()
     std = _ddpm_std(spaced, variance)
     xs, hists = [x_T[c] for c in chunks], [[] for _ in chunks]
     traj = ([x_T], []) if return_trajectory else None
-    with tqdm(total=S * len(chunks), disable=not progress, desc=f"{sampler}, {S} steps") as bar:
+    with tqdm(
+        total=S * len(chunks), disable=not progress, desc=f"{sampler}, {S} steps"
+    ) as bar:
         for i in reversed(range(S)):
             t = int(spaced.timesteps[i])
             noisy = i > 0 and (sampler == "ddpm" or sampler == "ddim" and eta > 0)
@@ -320,14 +430,27 @@ def run_sampler(denoiser: Denoiser,        # the network, its schedule and predi
                 x = xs[k]
                 x0, eps, var_values = denoiser(x, t, kws[k])
                 new = hook(i, t, x, x0) if hook is not None else None
-                if new is not None: x0, eps = new, denoiser.eps_from_x0(x, t, new)
+                if new is not None:
+                    x0, eps = new, denoiser.eps_from_x0(x, t, new)
                 s_i = std[i]
                 if sampler == "ddpm" and var_values is not None and i > 0:
                     ii = torch.full((len(x),), i, device=x.device)
-                    log_var = _reverse_log_variance(spaced, ii, x, variance, var_values)[1]
+                    log_var = reverse_log_variance(spaced, ii, x, variance, var_values)[
+                        1
+                    ]
                     s_i = (0.5 * log_var).exp()
-                xs[k] = _step(sampler, x, x0, eps, hists[k], None if z is None else z[c], i, ab,
-                              (c1[i], c2[i], s_i), eta)
+                xs[k] = _step(
+                    sampler,
+                    x,
+                    x0,
+                    eps,
+                    hists[k],
+                    None if z is None else z[c],
+                    i,
+                    ab,
+                    (c1[i], c2[i], s_i),
+                    eta,
+                )
                 hists[k] = (hists[k] + [(x0, ab[i])])[-2:]
                 x0s.append(x0)
                 bar.update()
@@ -336,8 +459,11 @@ def run_sampler(denoiser: Denoiser,        # the network, its schedule and predi
                 traj[1].append(torch.cat(x0s))
     x = torch.cat(xs)
     _warn_if_wrong(x)
-    if not return_trajectory: return x
-    return x, Trajectory(torch.stack(traj[0]), torch.stack(traj[1]), spaced.timesteps.flip(0))
+    if not return_trajectory:
+        return x
+    return x, Trajectory(
+        torch.stack(traj[0]), torch.stack(traj[1]), spaced.timesteps.flip(0)
+    )
 
 
 def _warn_if_wrong(x):
@@ -345,52 +471,89 @@ def _warn_if_wrong(x):
     big = float(x.detach().abs().amax()) if x.numel() else 0.0
     if not math.isfinite(big) or big > X0_LIMIT:
         frac = float((~torch.isfinite(x) | (x.abs() > X0_LIMIT)).float().mean())
-        warnings.warn(f"{frac:.1%} of the sample values are non-finite or beyond ±{X0_LIMIT:g} "
-                      f"(max |x| {big:.3g}): the run went numerically wrong. An ε-model at ᾱ ≈ 0 "
-                      "(e.g. the last cosine step with spacing='trailing') amplifies its error by "
-                      "σ/α; use the default spacing, clip_denoised=True for images, or a v-model",
-                      SamplingWarning, stacklevel=3)
+        warnings.warn(
+            f"{frac:.1%} of the sample values are non-finite or beyond ±{X0_LIMIT:g} "
+            f"(max |x| {big:.3g}): the run went numerically wrong. An ε-model at ᾱ ≈ 0 "
+            "(e.g. the last cosine step with spacing='trailing') amplifies its error by "
+            "σ/α; use the default spacing, clip_denoised=True for images, or a v-model",
+            SamplingWarning,
+            stacklevel=3,
+        )
 
 # %% ../nbs/12_sampling.ipynb #e3eb9a22
 def _device_for(model, device):
     "Where sampling runs: `device` if given, else where the model's parameters are, else the CPU."
     p = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    if device is None: return p.device if p is not None else torch.device("cpu")
+    if device is None:
+        return p.device if p is not None else torch.device("cpu")
     dev = pick_device(device)
     if p is not None and p.device.type != dev.type:
-        raise ValueError(f"device={str(device)!r} but the model's parameters are on {p.device}; "
-                         "move the model or leave device=None")
+        raise ValueError(
+            f"device={str(device)!r} but the model's parameters are on {p.device}; "
+            "move the model or leave device=None"
+        )
     return dev
 
 
-DEFAULT_SPACING = {"ddpm": "logsnr", "ddim": "logsnr", "dpmpp2m": "logsnr", "dpmpp3m": "logsnr"}
+DEFAULT_SPACING = {
+    "ddpm": "logsnr",
+    "ddim": "logsnr",
+    "dpmpp2m": "logsnr",
+    "dpmpp3m": "logsnr",
+}
 
 
-def _check_sample_args(schedule, shape, sampler, steps, eta, spacing, variance, noise, batch_size,
-                       model_kwargs, hook):
+def _check_sample_args(
+    schedule,
+    shape,
+    sampler,
+    steps,
+    eta,
+    spacing,
+    variance,
+    noise,
+    batch_size,
+    model_kwargs,
+    hook,
+):
     "Validate what `Denoiser` does not; return the respaced schedule and the shape as a tuple."
     if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
     check_choice(sampler, SAMPLERS, "sampler")
     allowed = int((schedule.alphas_cumprod >= 1 / (1 + SIGMA_MAX**2)).sum())
-    if spacing is None:      # the sampler's default; more steps than σ/α <= 80 holds: all steps
-        lam_ok = steps is None or isinstance(steps, (int, np.integer)) and steps <= allowed
+    if (
+        spacing is None
+    ):  # the sampler's default; more steps than σ/α <= 80 holds: all steps
+        lam_ok = (
+            steps is None or isinstance(steps, (int, np.integer)) and steps <= allowed
+        )
         spacing = DEFAULT_SPACING[sampler] if lam_ok else "leading"
     check_choice(spacing, SPACINGS, "spacing")
     check_choice(variance, VARIANCES, "variance")
     if check_number(eta, "eta", 0, 1) and sampler != "ddim":
-        raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with "
-                         f"sampler={sampler!r}")
+        raise ValueError(
+            f"eta applies to sampler='ddim' only, got eta={eta} with "
+            f"sampler={sampler!r}"
+        )
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
     if len(shape) < 2:
-        raise ValueError(f"shape must be (N, ...) with at least two positive integers, e.g. "
-                         f"(64, 1, 8, 8) or (1000, 2); got {shape!r}")
+        raise ValueError(
+            f"shape must be (N, ...) with at least two positive integers, e.g. "
+            f"(64, 1, 8, 8) or (1000, 2); got {shape!r}"
+        )
     shape = tuple(check_int(n, "shape", 1) for n in shape)
-    if noise is not None: check_tensor(noise, "noise", shape=shape)
-    if batch_size is not None: check_int(batch_size, "batch_size", 1)
+    if noise is not None:
+        check_tensor(noise, "noise", shape=shape)
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", 1)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
-        raise ValueError(f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}")
-    if hook is not None and not callable(hook): raise ValueError("hook must be callable or None")
+        raise ValueError(
+            f"model_kwargs must be a dict or None, got {type(model_kwargs).__name__}"
+        )
+    if hook is not None and not callable(hook):
+        raise ValueError("hook must be callable or None")
     if steps is None:
         steps = allowed if spacing in ("logsnr", "edm") else len(schedule)
     spaced = respace(schedule, steps, spacing)
@@ -401,51 +564,83 @@ def _check_start(spaced, prediction):
     "Refuse a start where x_T ~ N(0, I) cannot be right; warn where it is poor."
     abar = float(spaced.original_alphas_cumprod[-1])
     if prediction == "eps" and abar == 0:
-        raise ValueError("prediction='eps' cannot be sampled from ᾱ_T = 0 (zero terminal SNR): "
-                         "x̂_0 = (x_T - ε̂)/0; use a 'v' or 'x0' model")
+        raise ValueError(
+            "prediction='eps' cannot be sampled from ᾱ_T = 0 (zero terminal SNR): "
+            "x̂_0 = (x_T - ε̂)/0; use a 'v' or 'x0' model"
+        )
     t_first = int(spaced.timesteps[-1])
-    msg = (f"the first visited step t={t_first} has ᾱ = {abar:.3g}: x_T ~ N(0, I) "
-           "is not a sample of q(x_t) there (the spacing starts too low); use more steps or "
-           "spacing='trailing' or 'logsnr'")
-    if abar > 0.5: raise ValueError(f"steps/spacing: {msg}")
-    if abar > 0.05: warnings.warn(msg, SamplingWarning, stacklevel=3)
+    msg = (
+        f"the first visited step t={t_first} has ᾱ = {abar:.3g}: x_T ~ N(0, I) "
+        "is not a sample of q(x_t) there (the spacing starts too low); use more steps or "
+        "spacing='trailing' or 'logsnr'"
+    )
+    if abar > 0.5:
+        raise ValueError(f"steps/spacing: {msg}")
+    if abar > 0.05:
+        warnings.warn(msg, SamplingWarning, stacklevel=3)
 
 # %% ../nbs/12_sampling.ipynb #266b8fcf
 @torch.no_grad()
-def sample(model: Callable,                  # model(x_t, t, **model_kwargs) -> [N, C, ...]
-           schedule: NoiseSchedule,          # the schedule the model was trained with (T steps)
-           shape: tuple,                     # (N, ...) of the samples, e.g. (64, 1, 8, 8)
-           sampler: str = "ddpm",            # one of SAMPLERS
-           steps: int | None = None,         # S network evaluations; None: all the spacing allows
-           eta: float = 0.0,                 # DDIM's η in [0, 1] (0: deterministic, 1: DDPM)
-           spacing: str | None = None,       # one of SPACINGS; None: DEFAULT_SPACING[sampler]
-           *,
-           prediction: str = "eps",          # what the model predicts, one of PREDICTIONS
-           variance: str = "fixed_small",    # DDPM's reverse variance, one of VARIANCES
-           clip_denoised: bool = False,      # clip x̂_0 to [-1, 1] at every step (images)
-           threshold: float | None = None,   # dynamic thresholding at percentile p in (0, 1]
-           noise: torch.Tensor | None = None,  # [N, ...] x_T; drawn from `generator` if None
-           generator: torch.Generator | None = None,  # source of x_T and of the per-step noise
-           model_kwargs: dict | None = None, # extra model inputs, e.g. {"y": labels [N]}
-           batch_size: int | None = None,    # samples per network call; None: all N at once
-           return_trajectory: bool = False,  # also return a Trajectory (every x and x̂_0)
-           progress: bool = False,           # show a tqdm progress bar
-           device: str | torch.device | None = None,  # None: the model's device (else the CPU)
-           dtype: torch.dtype = torch.float32,  # dtype of the drawn x_T (else the noise's)
-           hook: Callable | None = None,     # hook(i, t, x, x̂_0) -> new x̂_0 or None, every step
-          ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] (and the Trajectory)
+def sample(
+    model: Callable,  # model(x_t, t, **model_kwargs) -> [N, C, ...]
+    schedule: NoiseSchedule,  # the schedule the model was trained with (T steps)
+    shape: tuple,  # (N, ...) of the samples, e.g. (64, 1, 8, 8)
+    sampler: str = "ddpm",  # one of SAMPLERS
+    steps: int | None = None,  # S network evaluations; None: all the spacing allows
+    eta: float = 0.0,  # DDIM's η in [0, 1] (0: deterministic, 1: DDPM)
+    spacing: str | None = None,  # one of SPACINGS; None: DEFAULT_SPACING[sampler]
+    *,
+    prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
+    variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES
+    clip_denoised: bool = False,  # clip x̂_0 to [-1, 1] at every step (images)
+    threshold: float | None = None,  # dynamic thresholding at percentile p in (0, 1]
+    noise: torch.Tensor | None = None,  # [N, ...] x_T; drawn from `generator` if None
+    generator: torch.Generator | None = None,  # source of x_T and of the per-step noise
+    model_kwargs: dict | None = None,  # extra model inputs, e.g. {"y": labels [N]}
+    batch_size: int | None = None,  # samples per network call; None: all N at once
+    return_trajectory: bool = False,  # also return a Trajectory (every x and x̂_0)
+    progress: bool = False,  # show a tqdm progress bar
+    device: str | torch.device | None = None,  # None: the model's device (else the CPU)
+    dtype: torch.dtype = torch.float32,  # dtype of the drawn x_T (else the noise's)
+    hook: Callable | None = None,  # hook(i, t, x, x̂_0) -> new x̂_0 or None, every step
+) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] (and the Trajectory)
     """Draw N samples: `Denoiser` + `respace` + `run_sampler` in one call, bit for bit,
     Eqs. (eq-sampling-ddpm)-(eq-sampling-dpmpp3m)."""
-    spaced, shape = _check_sample_args(schedule, shape, sampler, steps, eta, spacing, variance,
-                                       noise, batch_size, model_kwargs, hook)
+    spaced, shape = _check_sample_args(
+        schedule,
+        shape,
+        sampler,
+        steps,
+        eta,
+        spacing,
+        variance,
+        noise,
+        batch_size,
+        model_kwargs,
+        hook,
+    )
     learned = variance == "learned_range"
     denoiser = Denoiser(model, schedule, prediction, clip_denoised, threshold, learned)
     _check_start(spaced, prediction)
     dev = _device_for(model, device)
     if noise is None:
-        noise = torch.randn(shape, generator=generator, dtype=dtype,
-                            device=generator.device if generator is not None else dev)
-    return run_sampler(denoiser, spaced, noise.to(dev), sampler, eta, variance=variance,
-                       generator=generator, hook=hook, model_kwargs=model_kwargs,
-                       batch_size=batch_size, return_trajectory=return_trajectory,
-                       progress=progress)
+        noise = torch.randn(
+            shape,
+            generator=generator,
+            dtype=dtype,
+            device=generator.device if generator is not None else dev,
+        )
+    return run_sampler(
+        denoiser,
+        spaced,
+        noise.to(dev),
+        sampler,
+        eta,
+        variance=variance,
+        generator=generator,
+        hook=hook,
+        model_kwargs=model_kwargs,
+        batch_size=batch_size,
+        return_trajectory=return_trajectory,
+        progress=progress,
+    )
