@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from dataclasses import MISSING, fields
 
 import numpy as np
@@ -17,7 +18,8 @@ from fastcore.docments import docments
 from . import __version__, pretrained
 from .core import make_grid
 from .parameterization import PREDICTIONS
-from .sampling import sample
+from .guidance import guided_sample
+from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
 from .training import LOSSES, TrainConfig, load_checkpoint, load_trained, train
 
@@ -33,11 +35,12 @@ def _add_model_options(p, n_default: int, models: str):
         help="a run directory (its latest checkpoint) or a ckpt-* directory",
     )
     src.add_argument("--pretrained", help=f"a model shipped with the package: {models}")
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="the solver (default: ddim)")
+    p.add_argument("--spacing", default=None, choices=SPACINGS,
+                   help="which timesteps (default: the sampler's own, log-SNR uniform)")
     options = (
-        ("--sampler", str, "ddim", "ddpm, ddim or dpmpp2m"),
         ("--steps", int, 50, "network evaluations"),
         ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
-        ("--spacing", str, "leading", "linspace, leading or trailing"),
         ("--n", int, n_default, "number of samples"),
         ("--seed", int, 0, "random seed"),
         ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps"),
@@ -68,70 +71,70 @@ def _load_model(args):
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
 # %% ../nbs/14_cli.ipynb #2efedbad
-def _draw(
-    args, model, schedule, cfg, shape, clip_denoised: bool, model_kwargs=None
-) -> torch.Tensor:
-    "Sample args.n examples with the sampler options of `args`; float32 on the CPU."
+def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -> torch.Tensor:
+    "Sample args.n examples with the sampler options of `args` (guided if labels); CPU float32."
     dev = next(model.parameters()).device
     variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
-    x = sample(
-        model,
-        schedule,
-        (args.n, *shape),
-        args.sampler,
-        args.steps,
-        args.eta,
-        args.spacing,
-        prediction=cfg.prediction,
-        variance=variance,
-        clip_denoised=clip_denoised,
-        generator=torch.Generator(dev).manual_seed(args.seed),
-        model_kwargs=model_kwargs or {},
-        batch_size=args.batch_size,
-        progress=not args.quiet,
-    )
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+              prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
+              generator=torch.Generator(dev).manual_seed(args.seed), batch_size=args.batch_size,
+              progress=not args.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SamplingWarning)   # numerically wrong: exit 1, not garbage
+        try:
+            if labels is None:
+                x = sample(model, schedule, (args.n, *shape), **kw)
+            else:
+                x = guided_sample(model, schedule, (args.n, *shape), labels.to(dev),
+                                  guidance=getattr(args, "guidance", 0.0), **kw)
+        except SamplingWarning as w:
+            raise ValueError(f"sampling went numerically wrong ({w}); try another --spacing "
+                             "or fewer --steps") from None
     return x.float().cpu()
 
 # %% ../nbs/14_cli.ipynb #c0f31470
 def _add_sample_parser(sub):
     "Options of `simple-diffusion sample`."
-    s = sub.add_parser(
-        "sample",
-        help="sample a trained run or a shipped model into a PNG (and .npy)",
-        description="Sample a model with DDPM, DDIM or DPM-Solver++(2M) and save "
-        "the samples as a PNG grid.",
-    )
+    s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
+                       description="Sample a model (DDPM, DDIM, DPM-Solver++ 2M/3M), optionally "
+                                   "class-conditional with guidance, into a PNG grid.")
     _add_model_options(s, 64, "digits, digits_cond or gmm8")
     s.add_argument("--out", required=True, help="the .png file to write")
-    s.add_argument(
-        "--npy",
-        default=None,
-        help="also save the raw samples [N, ...] as this .npy file",
-    )
-    s.add_argument(
-        "--label",
-        type=int,
-        default=None,
-        help="class label for a class-conditional model (default: unconditional)",
-    )
+    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
+    s.add_argument("--class", dest="label", default=None, metavar="K|all",
+                   help="class for a class-conditional model: a label, or 'all' for one row "
+                        "per class (default: unconditional)")
+    s.add_argument("--label", dest="label", default=None, help=argparse.SUPPRESS)  # old name
+    s.add_argument("--guidance", type=float, default=0.0,
+                   help="classifier-free guidance weight w >= 0 (Ho & Salimans; diffusers' "
+                        "guidance_scale = 1 + w) (default: 0)")
 
 
-def _save_png(x: torch.Tensor, path: str):
-    "A grid of images, or a scatter plot of 2-D points, as a PNG file."
+def _labels(args, K):
+    "The [n] labels --class asks for (None: unconditional); --class all gives n // K per class."
+    if args.label is None:
+        if args.guidance:
+            raise ValueError("--guidance needs --class (a label, or all)")
+        return None
+    if K is None:
+        raise ValueError("--class needs a class-conditional model; this one has no labels")
+    if args.label == "all":
+        if args.n % K:
+            raise ValueError(f"--class all needs --n divisible by the {K} classes, got {args.n}")
+        return torch.arange(K).repeat_interleave(args.n // K)
+    if not args.label.isdigit() or not 0 <= int(args.label) < K:
+        raise ValueError(f"--class must be a label in [0, {K - 1}] or 'all', got {args.label!r}")
+    return torch.full((args.n,), int(args.label))
+
+
+def _save_png(x: torch.Tensor, path: str, rows: int | None = None):
+    "A grid of images (`rows` rows of consecutive samples, if given), or a 2-D scatter plot."
     if x.ndim == 4:
         from matplotlib.image import imsave
-
-        grid = make_grid(x, nrow=math.ceil(math.sqrt(len(x))))
-        imsave(
-            path,
-            grid[..., 0] if grid.shape[-1] == 1 else grid,
-            cmap="gray",
-            vmin=0,
-            vmax=1,
-        )
+        grid = make_grid(x, nrow=len(x) // rows if rows else math.ceil(math.sqrt(len(x))))
+        imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
         return
     from matplotlib.figure import Figure
-
     fig = Figure(figsize=(4, 4))
     ax = fig.subplots()
     ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
@@ -145,34 +148,13 @@ def _sample_command(args) -> int:
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     model, schedule, cfg, shape, K = _load_model(args)
-    if args.label is not None and (K is None or not 0 <= args.label <= K):
-        raise ValueError(
-            f"--label must be in [0, {K}] ({K} = unconditional)"
-            if K
-            else "--label needs a class-conditional model; this one has no labels"
-        )
-    dev = next(model.parameters()).device
-    kw = (
-        {}
-        if args.label is None
-        else {"y": torch.full((args.n,), args.label, device=dev)}
-    )
-    x = _draw(
-        args,
-        model,
-        schedule,
-        cfg,
-        shape,
-        clip_denoised=len(shape) == 3,
-        model_kwargs=kw,
-    )
-    _save_png(x, args.out)
+    labels = _labels(args, K)
+    x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, labels=labels)
+    _save_png(x, args.out, rows=K if args.label == "all" else None)
     if args.npy:
         np.save(args.npy, x.numpy())
     also = f" and {args.npy}" if args.npy else ""
-    print(
-        f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}"
-    )
+    print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}")
     return 0
 
 # %% ../nbs/14_cli.ipynb #2db432e4
