@@ -72,7 +72,7 @@ def main():
         pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:args.n_images]
         t0 = time.perf_counter()
         rows = digits_benchmark(model, schedule, test_x[pick], test_y[pick], clf, train_x.mean(0),
-                                IMAGE_TASKS, METHODS, calls=args.calls)
+                                IMAGE_TASKS, METHODS, calls=args.calls, mean_of=8)
         print(f"digits: {time.perf_counter() - t0:.0f} s", flush=True)
         out = dict(header(args), rows=rows)
         (RESULTS / "inverse_digits.json").write_text(json.dumps(out, indent=1) + "\n")
