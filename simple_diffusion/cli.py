@@ -95,12 +95,12 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
 # %% ../nbs/14_cli.ipynb #c0f31470
 def _add_sample_parser(sub):
     "Options of `simple-diffusion sample`."
-    s = sub.add_parser("sample", help="sample a trained run or a shipped model into a PNG (and .npy)",
+    s = sub.add_parser("sample", help="sample a run or a shipped model into a PNG (and .npy)",
                        description="Sample a model (DDPM, DDIM, DPM-Solver++ 2M/3M), optionally "
                                    "class-conditional with guidance, into a PNG grid.")
     _add_model_options(s, 64, "digits, digits_cond or gmm8")
     s.add_argument("--out", required=True, help="the .png file to write")
-    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy file")
+    s.add_argument("--npy", default=None, help="also save the raw samples [N, ...] as this .npy")
     s.add_argument("--class", dest="label", default=None, metavar="K|all",
                    help="class for a class-conditional model: a label, or 'all' for one row "
                         "per class (default: unconditional)")

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from .core import check_choice, check_int, check_number, check_tensor, randn
+from simple_diffusion.core import (
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    randn,
+)
 from .data import GaussianMixture
 from .oracle import GaussianMixtureOracle
 from .parameterization import PREDICTIONS, x0_eps_from_output
@@ -28,13 +34,22 @@ __all__ = ['METHODS', 'IMAGE_TASKS', 'LinearOperator', 'MatrixOperator', 'MaskOp
 # %% ../nbs/31_inverse.ipynb #8fe7dbfe
 class LinearOperator:
     "A linear measurement y = A x of examples shaped `x_shape`, Eq. (eq-inverse-bayes)."
-    x_shape: tuple   # one example, e.g. (1, 8, 8) or (8,)
-    y_shape: tuple   # one measurement
 
-    def A(self, x: torch.Tensor) -> torch.Tensor: raise NotImplementedError      # [B, *x_shape]
-    def At(self, y: torch.Tensor) -> torch.Tensor: raise NotImplementedError     # [B, *y_shape]
-    def pinv(self, y: torch.Tensor) -> torch.Tensor: raise NotImplementedError   # A⁺ y
-    def solve(self, v: torch.Tensor, r2: float, s2: float) -> torch.Tensor:  # (r²AAᵀ+s²I)⁻¹v
+    x_shape: tuple  # one example, e.g. (1, 8, 8) or (8,)
+    y_shape: tuple  # one measurement
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # [B, *x_shape]
+
+    def At(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # [B, *y_shape]
+
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # A⁺ y
+
+    def solve(
+        self, v: torch.Tensor, r2: float, s2: float
+    ) -> torch.Tensor:  # (r²AAᵀ+s²I)⁻¹v
         raise NotImplementedError
 
     def check_y(self, y, name: str = "y") -> torch.Tensor:
@@ -56,70 +71,116 @@ class LinearOperator:
 # %% ../nbs/31_inverse.ipynb #32596f65
 class MatrixOperator(LinearOperator):
     "y = M x for a dense full-row-rank matrix M [d_y, d_x] acting on flat examples [B, d_x]."
-    def __init__(self, M: torch.Tensor):   # [d_y, d_x], d_y <= d_x, rank d_y
+
+    def __init__(self, M: torch.Tensor):  # [d_y, d_x], d_y <= d_x, rank d_y
         check_tensor(M, "M", min_ndim=2, finite=True)
         if M.ndim != 2 or M.shape[0] > M.shape[1]:
-            raise ValueError(f"M must be a [d_y, d_x] matrix with d_y <= d_x, got {tuple(M.shape)}")
+            raise ValueError(
+                f"M must be a [d_y, d_x] matrix with d_y <= d_x, got {tuple(M.shape)}"
+            )
         self.M = M.detach().to(torch.float64)
         self.x_shape, self.y_shape = (M.shape[1],), (M.shape[0],)
-        self.lam, self.U = torch.linalg.eigh(self.M @ self.M.T)   # M Mᵀ = U diag(λ) Uᵀ
+        self.lam, self.U = torch.linalg.eigh(self.M @ self.M.T)  # M Mᵀ = U diag(λ) Uᵀ
         if float(self.lam.min()) <= 1e-12 * float(self.lam.max()):
             raise ValueError("M must have full row rank (M Mᵀ is singular)")
-        self.M_pinv = self.M.T @ (self.U / self.lam) @ self.U.T   # Mᵀ (M Mᵀ)⁻¹
+        self.M_pinv = self.M.T @ (self.U / self.lam) @ self.U.T  # Mᵀ (M Mᵀ)⁻¹
 
-    def A(self, x): return x @ self.M.to(x).T
-    def At(self, y): return y @ self.M.to(y)
-    def pinv(self, y): return y @ self.M_pinv.to(y).T
+    def A(self, x):
+        return x @ self.M.to(x).T
+
+    def At(self, y):
+        return y @ self.M.to(y)
+
+    def pinv(self, y):
+        return y @ self.M_pinv.to(y).T
+
     def solve(self, v, r2, s2):
         U, lam = self.U.to(v), self.lam.to(v)
         return ((v @ U) / (r2 * lam + s2)) @ U.T
-    def matrix(self): return self.M.clone()
-    def __repr__(self): return f"MatrixOperator(d_y={self.y_shape[0]}, d_x={self.x_shape[0]})"
+
+    def matrix(self):
+        return self.M.clone()
+
+    def __repr__(self):
+        return f"MatrixOperator(d_y={self.y_shape[0]}, d_x={self.x_shape[0]})"
 
 
 class MaskOperator(LinearOperator):
     "Inpainting, y = m ⊙ x, with a binary mask m of one example's shape: 1 = known, 0 = missing."
-    def __init__(self, mask: torch.Tensor):   # [C, H, W] or [D], values in {0, 1}
+
+    def __init__(self, mask: torch.Tensor):  # [C, H, W] or [D], values in {0, 1}
         check_tensor(mask, "mask", floating=False)
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("mask must be binary: 1 = known, 0 = missing")
         self.mask = mask.detach().to(torch.float32)
         self.x_shape = self.y_shape = tuple(mask.shape)
 
-    def A(self, x): return self.mask.to(x) * x
-    def At(self, y): return self.mask.to(y) * y
-    def pinv(self, y): return self.mask.to(y) * y
-    def solve(self, v, r2, s2): return self.mask.to(v) * v / (r2 + s2)
-    def matrix(self): return torch.eye(self.mask.numel(), dtype=torch.float64)[self._known()]
-    def flat_y(self, y): return y.reshape(len(y), -1)[:, self._known().to(y.device)]
-    def _known(self): return self.mask.reshape(-1) > 0
-    def __repr__(self): return f"MaskOperator(known={int(self.mask.sum())} of {self.mask.numel()})"
+    def A(self, x):
+        return self.mask.to(x) * x
+
+    def At(self, y):
+        return self.mask.to(y) * y
+
+    def pinv(self, y):
+        return self.mask.to(y) * y
+
+    def solve(self, v, r2, s2):
+        return self.mask.to(v) * v / (r2 + s2)
+
+    def matrix(self):
+        return torch.eye(self.mask.numel(), dtype=torch.float64)[self._known()]
+
+    def flat_y(self, y):
+        return y.reshape(len(y), -1)[:, self._known().to(y.device)]
+
+    def _known(self):
+        return self.mask.reshape(-1) > 0
+
+    def __repr__(self):
+        return f"MaskOperator(known={int(self.mask.sum())} of {self.mask.numel()})"
 
 
 class PoolOperator(LinearOperator):
     "Super-resolution, y = the mean of each f×f block of x [B, C, H, W]; f must divide H and W."
-    def __init__(self, factor: int, x_shape: tuple):   # f >= 1; one full-size example (C, H, W)
+
+    def __init__(
+        self, factor: int, x_shape: tuple
+    ):  # f >= 1; one full-size example (C, H, W)
         f = check_int(factor, "factor", 1)
         if len(x_shape) != 3 or x_shape[1] % f or x_shape[2] % f:
-            raise ValueError(f"factor must divide the image size, got factor={f}, "
-                             f"x_shape={tuple(x_shape)}")
+            raise ValueError(
+                f"factor must divide the image size, got factor={f}, "
+                f"x_shape={tuple(x_shape)}"
+            )
         self.f, self.x_shape = f, tuple(x_shape)
         self.y_shape = (x_shape[0], x_shape[1] // f, x_shape[2] // f)
 
-    def A(self, x): return F.avg_pool2d(x, self.f)
-    def At(self, y): return F.interpolate(y, scale_factor=self.f, mode="nearest") / self.f**2
-    def pinv(self, y): return F.interpolate(y, scale_factor=self.f, mode="nearest")
-    def solve(self, v, r2, s2): return v / (r2 / self.f**2 + s2)
-    def __repr__(self): return f"PoolOperator(factor={self.f}, x_shape={self.x_shape})"
+    def A(self, x):
+        return F.avg_pool2d(x, self.f)
+
+    def At(self, y):
+        return F.interpolate(y, scale_factor=self.f, mode="nearest") / self.f**2
+
+    def pinv(self, y):
+        return F.interpolate(y, scale_factor=self.f, mode="nearest")
+
+    def solve(self, v, r2, s2):
+        return v / (r2 / self.f**2 + s2)
+
+    def __repr__(self):
+        return f"PoolOperator(factor={self.f}, x_shape={self.x_shape})"
 
 # %% ../nbs/31_inverse.ipynb #6fd70aa6
 class GaussianPosteriorMixture(NamedTuple):
     "A full-covariance Gaussian mixture (float64): the exact posterior, Eq. (eq-inverse-kalman)."
-    means: torch.Tensor    # [K, D]
-    covs: torch.Tensor     # [K, D, D], symmetric positive semi-definite
+
+    means: torch.Tensor  # [K, D]
+    covs: torch.Tensor  # [K, D, D], symmetric positive semi-definite
     weights: torch.Tensor  # [K], summing to 1: p(k | y), Eq. (eq-inverse-weights)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:  # [n, D]
+    def sample(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> torch.Tensor:  # [n, D]
         "n independent draws: a component by its weight, then its Gaussian."
         n = check_int(n, "n", 1)
         D = self.means.shape[1]
@@ -128,48 +189,67 @@ class GaussianPosteriorMixture(NamedTuple):
         z = torch.randn(n, D, 1, generator=generator, dtype=torch.float64)
         return self.means[k] + (L[k] @ z)[..., 0]
 
-    def mean(self) -> torch.Tensor:   # [D]
+    def mean(self) -> torch.Tensor:  # [D]
         "The posterior mean E[x0 | y]."
         return self.weights @ self.means
 
 
-def gmm_posterior(mixture: GaussianMixture,   # the prior p(x0), D dimensions (diagonal components)
-                  operator: LinearOperator,   # A, with prod(x_shape) = D
-                  y: torch.Tensor,            # [*y_shape], one measurement
-                  sigma_y: float = 0.0,       # σ_y >= 0, the noise standard deviation
-                 ) -> GaussianPosteriorMixture:
+def gmm_posterior(
+    mixture: GaussianMixture,  # the prior p(x0), D dimensions (diagonal components)
+    operator: LinearOperator,  # A, with prod(x_shape) = D
+    y: torch.Tensor,  # [*y_shape], one measurement
+    sigma_y: float = 0.0,  # σ_y >= 0, the noise standard deviation
+) -> GaussianPosteriorMixture:
     "The exact p(x0 | y) for y = A x0 + σ_y n, Eqs. (eq-inverse-kalman), (eq-inverse-weights)."
     if not isinstance(mixture, GaussianMixture):
-        raise ValueError(f"mixture must be a GaussianMixture, got {type(mixture).__name__}")
+        raise ValueError(
+            f"mixture must be a GaussianMixture, got {type(mixture).__name__}"
+        )
     s2 = check_number(sigma_y, "sigma_y", 0) ** 2
     M = operator.matrix()
     if M.shape[1] != mixture.dim:
-        raise ValueError(f"operator acts on {M.shape[1]} numbers but mixture.dim = {mixture.dim}")
+        raise ValueError(
+            f"operator acts on {M.shape[1]} numbers but mixture.dim = {mixture.dim}"
+        )
     yv = operator.flat_y(operator.check_y(y.reshape(1, *y.shape)).to(torch.float64))[0]
-    S = torch.diag_embed(mixture.stds**2)                                   # Σ_k [K, D, D]
-    AS = M @ S                                                              # A Σ_k
-    G = AS @ M.T + s2 * torch.eye(len(M), dtype=torch.float64)             # G_k
-    r = yv - mixture.means @ M.T                                            # y - A μ_k
-    gain = torch.linalg.solve(G, AS).transpose(1, 2)                    # K_k = Σ_k Aᵀ G_k⁻¹
+    S = torch.diag_embed(mixture.stds**2)  # Σ_k [K, D, D]
+    AS = M @ S  # A Σ_k
+    G = AS @ M.T + s2 * torch.eye(len(M), dtype=torch.float64)  # G_k
+    r = yv - mixture.means @ M.T  # y - A μ_k
+    gain = torch.linalg.solve(G, AS).transpose(1, 2)  # K_k = Σ_k Aᵀ G_k⁻¹
     covs = S - gain @ AS
-    logw = mixture.weights.log() - 0.5 * (r * torch.linalg.solve(G, r[..., None])[..., 0]).sum(-1)
+    logw = mixture.weights.log() - 0.5 * (
+        r * torch.linalg.solve(G, r[..., None])[..., 0]
+    ).sum(-1)
     logw = logw - 0.5 * torch.logdet(G)
-    return GaussianPosteriorMixture(mixture.means + (gain @ r[..., None])[..., 0],
-                                    0.5 * (covs + covs.transpose(1, 2)), logw.softmax(0))
+    return GaussianPosteriorMixture(
+        mixture.means + (gain @ r[..., None])[..., 0],
+        0.5 * (covs + covs.transpose(1, 2)),
+        logw.softmax(0),
+    )
 
 # %% ../nbs/31_inverse.ipynb #9a586046
-def sliced_wasserstein(x: torch.Tensor,    # [N, ...] samples of p
-                       y: torch.Tensor,    # [M, ...] samples of q, same numbers per example
-                       n_projections: int = 500,                  # random directions θ
-                       generator: torch.Generator | None = None,  # for the directions
-                      ) -> float:
+def sliced_wasserstein(
+    x: torch.Tensor,  # [N, ...] samples of p
+    y: torch.Tensor,  # [M, ...] samples of q, same numbers per example
+    n_projections: int = 500,  # random directions θ
+    generator: torch.Generator | None = None,  # for the directions
+) -> float:
     "Sliced 2-Wasserstein distance between two samples, Eq. (eq-inverse-sw); quantiles if N ≠ M."
     x = x.detach().reshape(len(x), -1).double().cpu()
     y = y.detach().reshape(len(y), -1).double().cpu()
-    if x.shape[1] != y.shape[1]: raise ValueError("x and y must have the same numbers per example")
-    th = torch.randn(x.shape[1], check_int(n_projections, "n_projections", 1), generator=generator,
-                     dtype=torch.float64)
-    px, py = (x @ (th / th.norm(dim=0))).sort(0).values, (y @ (th / th.norm(dim=0))).sort(0).values
+    if x.shape[1] != y.shape[1]:
+        raise ValueError("x and y must have the same numbers per example")
+    th = torch.randn(
+        x.shape[1],
+        check_int(n_projections, "n_projections", 1),
+        generator=generator,
+        dtype=torch.float64,
+    )
+    px, py = (
+        (x @ (th / th.norm(dim=0))).sort(0).values,
+        (y @ (th / th.norm(dim=0))).sort(0).values,
+    )
     if len(px) != len(py):
         q = torch.linspace(0, 1, max(len(px), len(py)), dtype=torch.float64)
         px, py = torch.quantile(px, q, dim=0), torch.quantile(py, q, dim=0)
@@ -181,7 +261,9 @@ METHODS = ("replacement", "repaint", "dps", "pigdm", "tds")
 
 def _predict(model, spaced, x, i, prediction, clip):
     "(x̂0, ε̂) at step i of the respaced schedule; the model sees the original code timestep."
-    t = torch.full((len(x),), int(spaced.timesteps[i]), device=x.device, dtype=torch.long)
+    t = torch.full(
+        (len(x),), int(spaced.timesteps[i]), device=x.device, dtype=torch.long
+    )
     ti = torch.full((len(x),), i, device=x.device, dtype=torch.long)
     return x0_eps_from_output(spaced, x, ti, model(x, t).to(x.dtype), prediction, clip)
 
@@ -194,7 +276,8 @@ def _ddpm_mean(spaced, x0, x, i):
 
 def _paste(op, x, y, abar, generator):
     "Replacement, Eq. (eq-inverse-paste): set A x to y noised to the level ᾱ of the state x."
-    if abar >= 1: return x + op.pinv(y - op.A(x))
+    if abar >= 1:
+        return x + op.pinv(y - op.A(x))
     y_t = math.sqrt(abar) * y + math.sqrt(1 - abar) * op.A(randn(x.shape, x, generator))
     return x + op.pinv(y_t - op.A(x))
 
@@ -210,16 +293,19 @@ def _guided(model, spaced, op, x, i, y, r2, s2, prediction, clip, kind):
         x = x.detach().requires_grad_(True)
         x0, eps = _predict(model, spaced, x, i, prediction, clip)
         v = y - op.A(x0)
-        if kind == "dps": obj = -v.reshape(len(x), -1).square().sum(1)
-        else: obj = -0.5 * (v * op.solve(v, r2, s2)).reshape(len(x), -1).sum(1)
-        g, = torch.autograd.grad(obj.sum(), x)
+        if kind == "dps":
+            obj = -v.reshape(len(x), -1).square().sum(1)
+        else:
+            obj = -0.5 * (v * op.solve(v, r2, s2)).reshape(len(x), -1).sum(1)
+        (g,) = torch.autograd.grad(obj.sum(), x)
     return x0.detach(), eps.detach(), g, obj.detach()
 
 # %% ../nbs/31_inverse.ipynb #0380f4c1
-def repaint_schedule(steps: int,          # S, the respaced steps, >= 1
-                     jump: int = 10,      # j, steps per jump back, >= 1
-                     resamples: int = 10, # r, passes over each block, >= 1 (1: replacement)
-                    ) -> list:            # step indices S-1, ..., -1 (-1: the clean output)
+def repaint_schedule(
+    steps: int,  # S, the respaced steps, >= 1
+    jump: int = 10,  # j, steps per jump back, >= 1
+    resamples: int = 10,  # r, passes over each block, >= 1 (1: replacement)
+) -> list:  # step indices S-1, ..., -1 (-1: the clean output)
     "RePaint's order of visited step indices (Lugmayr et al. 2022, Alg. 1 and their schedule)."
     S, j = check_int(steps, "steps", 1), check_int(jump, "jump", 1)
     r = check_int(resamples, "resamples", 1)
@@ -236,8 +322,14 @@ def repaint_schedule(steps: int,          # S, the respaced steps, >= 1
     return path
 
 
-def network_calls(method: str, steps: int = 100, *, jump: int = 10, resamples: int = 10,
-                  particles: int = 16) -> int:
+def network_calls(
+    method: str,
+    steps: int = 100,
+    *,
+    jump: int = 10,
+    resamples: int = 10,
+    particles: int = 16,
+) -> int:
     "Network forward passes per posterior draw (DPS, ΠGDM and TDS also backpropagate through each)."
     check_choice(method, METHODS, "method")
     if method == "repaint":
@@ -247,48 +339,62 @@ def network_calls(method: str, steps: int = 100, *, jump: int = 10, resamples: i
     return check_int(steps, "steps", 1) * N
 
 # %% ../nbs/31_inverse.ipynb #fedc2f0f
-def solve_inverse(model: Callable,            # model(x_t, t) -> [B, *x_shape], for `schedule`
-                  schedule: NoiseSchedule,    # the model's schedule (T steps)
-                  operator: LinearOperator,   # A: MaskOperator, PoolOperator, MatrixOperator, ...
-                  y: torch.Tensor,            # [B, *y_shape] measurements; one draw per row
-                  method: str = "pigdm",      # one of METHODS
-                  *,
-                  steps: int = 100,           # S respaced steps, 1 <= S <= T
-                  spacing: str = "leading",   # one of sampling.SPACINGS
-                  sigma_y: float = 0.0,       # σ_y >= 0 of y = A x0 + σ_y n (> 0 for 'tds')
-                  prediction: str = "eps",    # what the model predicts, one of PREDICTIONS
-                  clip_denoised: bool = False,  # clip x̂0 to [-1, 1] (images)
-                  jump: int = 10,             # RePaint's j
-                  resamples: int = 10,        # RePaint's r
-                  zeta: float = 1.0,          # DPS's step size ζ > 0
-                  x0_var: float = 1.0,        # v0 > 0 in ΠGDM's / TDS's r_t²
-                  particles: int = 16,        # TDS's N
-                  generator: torch.Generator | None = None,  # all noise is drawn from it
-                 ) -> torch.Tensor:           # [B, *x_shape], one draw of x0 | y per row of y
+def solve_inverse(
+    model: Callable,  # model(x_t, t) -> [B, *x_shape], for `schedule`
+    schedule: NoiseSchedule,  # the model's schedule (T steps)
+    operator: LinearOperator,  # A: MaskOperator, PoolOperator, MatrixOperator, ...
+    y: torch.Tensor,  # [B, *y_shape] measurements; one draw per row
+    method: str = "pigdm",  # one of METHODS
+    *,
+    steps: int = 100,  # S respaced steps, 1 <= S <= T
+    spacing: str = "leading",  # one of sampling.SPACINGS
+    sigma_y: float = 0.0,  # σ_y >= 0 of y = A x0 + σ_y n (> 0 for 'tds')
+    prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
+    clip_denoised: bool = False,  # clip x̂0 to [-1, 1] (images)
+    jump: int = 10,  # RePaint's j
+    resamples: int = 10,  # RePaint's r
+    zeta: float = 1.0,  # DPS's step size ζ > 0
+    x0_var: float = 1.0,  # v0 > 0 in ΠGDM's / TDS's r_t²
+    particles: int = 16,  # TDS's N
+    generator: torch.Generator | None = None,  # all noise is drawn from it
+) -> torch.Tensor:  # [B, *x_shape], one draw of x0 | y per row of y
     "Sample p(x0 | y), Eq. (eq-inverse-bayes), with replacement, RePaint, DPS, ΠGDM or TDS."
     check_choice(method, METHODS, "method")
     if not isinstance(operator, LinearOperator):
-        raise ValueError(f"operator must be a LinearOperator, got {type(operator).__name__}")
+        raise ValueError(
+            f"operator must be a LinearOperator, got {type(operator).__name__}"
+        )
     if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
     y = operator.check_y(y)
-    s, v0 = check_number(sigma_y, "sigma_y", 0), check_number(x0_var, "x0_var", 0, lo_open=True)
-    if method == "tds" and s == 0: raise ValueError("sigma_y must be > 0 for method='tds'")
+    s, v0 = (
+        check_number(sigma_y, "sigma_y", 0),
+        check_number(x0_var, "x0_var", 0, lo_open=True),
+    )
+    if method == "tds" and s == 0:
+        raise ValueError("sigma_y must be > 0 for method='tds'")
     check_choice(prediction, PREDICTIONS, "prediction")
     check_choice(spacing, SPACINGS, "spacing")
     check_number(zeta, "zeta", 0, lo_open=True)
-    spaced = respace(schedule, check_int(steps, "steps", 1, schedule.num_timesteps), spacing)
+    spaced = respace(
+        schedule, check_int(steps, "steps", 1, schedule.num_timesteps), spacing
+    )
     if method == "tds":
         N = check_int(particles, "particles", 1)
-        return _tds(model, spaced, operator, y, s, N, prediction, clip_denoised, generator, v0)
+        return _tds(
+            model, spaced, operator, y, s, N, prediction, clip_denoised, generator, v0
+        )
     S, shape = spaced.num_timesteps, (len(y), *operator.x_shape)
     ab, abp = spaced.alphas_cumprod.tolist(), spaced.alphas_cumprod_prev.tolist()
     std = spaced.posterior_variance.sqrt().tolist()
-    path = list(range(S - 1, -2, -1))              # S-1, ..., 0, then -1: the output
-    if method == "repaint": path = repaint_schedule(S, jump, resamples)
+    path = list(range(S - 1, -2, -1))  # S-1, ..., 0, then -1: the output
+    if method == "repaint":
+        path = repaint_schedule(S, jump, resamples)
     x = randn(shape, y, generator)
     for i, nxt in zip(path[:-1], path[1:]):
-        if nxt > i:                                 # RePaint's jump back: x_nxt ~ q(x_nxt | x_i)
+        if nxt > i:  # RePaint's jump back: x_nxt ~ q(x_nxt | x_i)
             a = float(spaced.alphas[nxt])
             x = math.sqrt(a) * x + math.sqrt(1 - a) * randn(shape, x, generator)
             continue
@@ -296,14 +402,27 @@ def solve_inverse(model: Callable,            # model(x_t, t) -> [B, *x_shape], 
             with torch.no_grad():
                 x0, _ = _predict(model, spaced, x, i, prediction, clip_denoised)
         else:
-            x0, _, g, obj = _guided(model, spaced, operator, x, i, y, _r2(ab[i], v0), s**2,
-                                    prediction, clip_denoised, method)
-            if method == "pigdm": x0 = x0 + (1 - ab[i]) / math.sqrt(ab[i]) * g
+            x0, _, g, obj = _guided(
+                model,
+                spaced,
+                operator,
+                x,
+                i,
+                y,
+                _r2(ab[i], v0),
+                s**2,
+                prediction,
+                clip_denoised,
+                method,
+            )
+            if method == "pigdm":
+                x0 = x0 + (1 - ab[i]) / math.sqrt(ab[i]) * g
         x_new = _ddpm_mean(spaced, x0, x, i)
-        if i > 0: x_new = x_new + std[i] * randn(shape, x, generator)
+        if i > 0:
+            x_new = x_new + std[i] * randn(shape, x, generator)
         if method == "dps":
             norm = obj.neg().sqrt().clamp_min(1e-12).reshape(-1, *[1] * (x.ndim - 1))
-            x_new = x_new + zeta / norm * g          # g = -∇‖y - A x̂0‖², Eq. (eq-inverse-dps)
+            x_new = x_new + zeta / norm * g  # g = -∇‖y - A x̂0‖², Eq. (eq-inverse-dps)
         if method in ("replacement", "repaint"):
             x_new = _paste(operator, x_new, y, abp[i], generator)
         x = x_new
@@ -316,7 +435,9 @@ def _resample(logw, generator):
     c = logw.double().softmax(1).cumsum(1)
     c[:, -1] = 1.0
     u = torch.rand(B, 1, generator=generator, dtype=torch.float64).to(c.device)
-    return torch.searchsorted(c, (u + torch.arange(N, device=c.device)) / N).clamp(max=N - 1)
+    return torch.searchsorted(c, (u + torch.arange(N, device=c.device)) / N).clamp(
+        max=N - 1
+    )
 
 
 def _tds(model, spaced, op, y, s, N, prediction, clip, generator, v0):
@@ -324,8 +445,19 @@ def _tds(model, spaced, op, y, s, N, prediction, clip, generator, v0):
     S, B = spaced.num_timesteps, len(y)
     ab, std = spaced.alphas_cumprod.tolist(), spaced.posterior_variance.sqrt().tolist()
     shape, yr = (B * N, *op.x_shape), y.repeat_interleave(N, 0)
-    twist = lambda x, i: _guided(model, spaced, op, x, i, yr, _r2(ab[i], v0) if i > 0 else 0.0,
-                                 s**2, prediction, clip, "pigdm")
+    twist = lambda x, i: _guided(
+        model,
+        spaced,
+        op,
+        x,
+        i,
+        yr,
+        _r2(ab[i], v0) if i > 0 else 0.0,
+        s**2,
+        prediction,
+        clip,
+        "pigdm",
+    )
     x = randn(shape, y, generator)
     x0, _, g, logt = twist(x, S - 1)
     logw = logt
@@ -333,34 +465,48 @@ def _tds(model, spaced, op, y, s, N, prediction, clip, generator, v0):
     for i in range(S - 1, -1, -1):
         flat = (_resample(logw.reshape(B, N), generator) + offset).reshape(-1)
         x, x0, g, logt = x[flat], x0[flat], g[flat], logt[flat]
-        if i == 0: break
+        if i == 0:
+            break
         mu = _ddpm_mean(spaced, x0, x, i)
         mu_y = _ddpm_mean(spaced, x0 + (1 - ab[i]) / math.sqrt(ab[i]) * g, x, i)
         x_new = mu_y + std[i] * randn(shape, x, generator)
         log_pq = ((x_new - mu_y) ** 2 - (x_new - mu) ** 2).reshape(len(x), -1).sum(1)
-        log_pq = log_pq / (2 * std[i] ** 2)                   # log p(x'|x) - log q(x'|x, y)
+        log_pq = log_pq / (2 * std[i] ** 2)  # log p(x'|x) - log q(x'|x, y)
         x, (x0, _, g, logt_new) = x_new, twist(x_new, i - 1)
         logw, logt = logt_new - logt + log_pq, logt_new
     return x0.reshape(B, N, *op.x_shape)[:, 0]
 
 # %% ../nbs/31_inverse.ipynb #2906704a
-def inpaint(model: Callable, schedule: NoiseSchedule,
-            y: torch.Tensor,       # [B, C, H, W] images; only the known pixels are read
-            mask: torch.Tensor,    # [C, H, W] (or [H, W] for C = 1), 1 = known, 0 = missing
-            method: str = "repaint", **kwargs) -> torch.Tensor:   # [B, C, H, W]
+def inpaint(
+    model: Callable,
+    schedule: NoiseSchedule,
+    y: torch.Tensor,  # [B, C, H, W] images; only the known pixels are read
+    mask: torch.Tensor,  # [C, H, W] (or [H, W] for C = 1), 1 = known, 0 = missing
+    method: str = "repaint",
+    **kwargs,
+) -> torch.Tensor:  # [B, C, H, W]
     "Fill the missing pixels of y with draws of p(x0 | m ⊙ x0 = m ⊙ y); kwargs go to solve_inverse."
     check_tensor(y, "y", min_ndim=2)
-    if isinstance(mask, torch.Tensor) and mask.ndim == 2 and y.ndim == 4 and y.shape[1] == 1:
+    if (
+        isinstance(mask, torch.Tensor)
+        and mask.ndim == 2
+        and y.ndim == 4
+        and y.shape[1] == 1
+    ):
         mask = mask[None]
     check_tensor(mask, "mask", shape=tuple(y.shape[1:]), floating=False)
     op = MaskOperator(mask.to(y.device))
     return solve_inverse(model, schedule, op, op.A(y), method, **kwargs)
 
 
-def super_resolve(model: Callable, schedule: NoiseSchedule,
-                  y: torch.Tensor,    # [B, C, h, w] low-resolution images (block means)
-                  factor: int = 2,    # f: the output is [B, C, f h, f w]
-                  method: str = "pigdm", **kwargs) -> torch.Tensor:
+def super_resolve(
+    model: Callable,
+    schedule: NoiseSchedule,
+    y: torch.Tensor,  # [B, C, h, w] low-resolution images (block means)
+    factor: int = 2,  # f: the output is [B, C, f h, f w]
+    method: str = "pigdm",
+    **kwargs,
+) -> torch.Tensor:
     "Draws of p(x0 | avgpool_f(x0) = y); kwargs go to solve_inverse."
     check_tensor(y, "y", min_ndim=4)
     f = check_int(factor, "factor", 1)
@@ -368,39 +514,55 @@ def super_resolve(model: Callable, schedule: NoiseSchedule,
     return solve_inverse(model, schedule, op, y, method, **kwargs)
 
 # %% ../nbs/31_inverse.ipynb #d52b10d4
-def mcgdiff_problem(dim_x: int = 8,   # d_x, even
-                    dim_y: int = 1,   # d_y <= d_x
-                    generator: torch.Generator | None = None,
-                   ) -> tuple[GaussianMixture, MatrixOperator, float, torch.Tensor]:
+def mcgdiff_problem(
+    dim_x: int = 8,  # d_x, even
+    dim_y: int = 1,  # d_y <= d_x
+    generator: torch.Generator | None = None,
+) -> tuple[GaussianMixture, MatrixOperator, float, torch.Tensor]:
     "Cardoso et al. (2024)'s Gaussian-mixture inverse problem: (prior, A, σ_y, y [d_y]), float64."
     dx, dy = check_int(dim_x, "dim_x", 2), check_int(dim_y, "dim_y", 1, dim_x)
-    if dx % 2: raise ValueError(f"dim_x must be even, got {dx}")
+    if dx % 2:
+        raise ValueError(f"dim_x must be even, got {dx}")
     grid = [(-8.0 * i, -8.0 * j) for i in range(-2, 3) for j in range(-2, 3)]
     means = torch.tensor([list(m) * (dx // 2) for m in grid], dtype=torch.float64)
     w = torch.randn(25, generator=generator, dtype=torch.float64) ** 2
     prior = GaussianMixture(means, torch.ones(25, dtype=torch.float64), w / w.sum())
-    U, _, Vh = torch.linalg.svd(torch.randn(dy, dx, generator=generator, dtype=torch.float64),
-                                full_matrices=False)
-    sv = torch.rand(dy, generator=generator, dtype=torch.float64).sort(descending=True).values
-    op = MatrixOperator(U @ torch.diag(sv) @ Vh)               # singular values ~ U(0, 1), sorted
-    sigma_y = float(torch.rand(1, generator=generator, dtype=torch.float64)) * float(sv.max())
+    U, _, Vh = torch.linalg.svd(
+        torch.randn(dy, dx, generator=generator, dtype=torch.float64),
+        full_matrices=False,
+    )
+    sv = (
+        torch.rand(dy, generator=generator, dtype=torch.float64)
+        .sort(descending=True)
+        .values
+    )
+    op = MatrixOperator(U @ torch.diag(sv) @ Vh)  # singular values ~ U(0, 1), sorted
+    sigma_y = float(torch.rand(1, generator=generator, dtype=torch.float64)) * float(
+        sv.max()
+    )
     x0, _ = prior.sample(1, generator)
-    y = op.A(x0)[0] + sigma_y * torch.randn(dy, generator=generator, dtype=torch.float64)
+    y = op.A(x0)[0] + sigma_y * torch.randn(
+        dy, generator=generator, dtype=torch.float64
+    )
     return prior, op, sigma_y, y
 
 # %% ../nbs/31_inverse.ipynb #e885adb0
-def gmm_benchmark(dim_x: int = 8,                   # d_x
-                  dims_y: tuple = (1, 2, 4),        # the d_y to run
-                  n_measurements: int = 5,          # problems per d_y
-                  n_samples: int = 200,             # draws per method and problem
-                  n_reference: int = 2000,          # exact posterior draws per problem
-                  steps: int = 50,                  # S of every method
-                  methods: tuple = METHODS,
-                  *,
-                  jump: int = 5, resamples: int = 3, zeta: float = 1.0, particles: int = 16,
-                  schedule: NoiseSchedule | None = None,   # default: linear, T = 1000
-                  seed: int = 0,
-                 ) -> list:   # one dict per (method, d_y): median/q25/q75 SW, calls, seconds
+def gmm_benchmark(
+    dim_x: int = 8,  # d_x
+    dims_y: tuple = (1, 2, 4),  # the d_y to run
+    n_measurements: int = 5,  # problems per d_y
+    n_samples: int = 200,  # draws per method and problem
+    n_reference: int = 2000,  # exact posterior draws per problem
+    steps: int = 50,  # S of every method
+    methods: tuple = METHODS,
+    *,
+    jump: int = 5,
+    resamples: int = 3,
+    zeta: float = 1.0,
+    particles: int = 16,
+    schedule: NoiseSchedule | None = None,  # default: linear, T = 1000
+    seed: int = 0,
+) -> list:  # one dict per (method, d_y): median/q25/q75 SW, calls, seconds
     "SW of each method to exact posterior draws on `mcgdiff_problem`, Eq. (eq-inverse-sw)."
     # the extra method 'exact' (n_samples exact draws, 0 calls) is the metric's own noise floor
     sched = schedule or NoiseSchedule.from_name("linear", 1000)
@@ -412,120 +574,235 @@ def gmm_benchmark(dim_x: int = 8,                   # d_x
             g = torch.Generator().manual_seed(seed + 1000 * dy + k)
             prior, op, sig, y = mcgdiff_problem(dim_x, dy, g)
             mean = prior.weights @ prior.means
-            v0 = float((prior.weights @ (prior.means**2 + prior.stds**2) - mean**2).mean())
+            v0 = float(
+                (prior.weights @ (prior.means**2 + prior.stds**2) - mean**2).mean()
+            )
             post = gmm_posterior(prior, op, y, sig)
             ref = post.sample(n_reference, g)
             model = GaussianMixtureOracle(prior, sched)
             for m in methods:
                 t0 = time.perf_counter()
-                out = post.sample(n_samples, g) if m == "exact" else solve_inverse(
-                    model, sched, op, y.expand(n_samples, -1).float(), m, steps=steps,
-                    sigma_y=sig, jump=jump, resamples=resamples, zeta=zeta, x0_var=v0,
-                    particles=particles, generator=g)
+                out = (
+                    post.sample(n_samples, g)
+                    if m == "exact"
+                    else solve_inverse(
+                        model,
+                        sched,
+                        op,
+                        y.expand(n_samples, -1).float(),
+                        m,
+                        steps=steps,
+                        sigma_y=sig,
+                        jump=jump,
+                        resamples=resamples,
+                        zeta=zeta,
+                        x0_var=v0,
+                        particles=particles,
+                        generator=g,
+                    )
+                )
                 secs[m] += time.perf_counter() - t0
                 res[m].append(sliced_wasserstein(out, ref, generator=g))
         for m in methods:
-            q = torch.tensor(res[m], dtype=torch.float64).quantile(
-                torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-            calls = 0 if m == "exact" else network_calls(m, steps, jump=jump, resamples=resamples,
-                                                         particles=particles)
-            rows.append(dict(method=m, dim_x=dim_x, dim_y=dy, median=q[1], q25=q[0], q75=q[2],
-                             calls=calls, seconds=secs[m] / n_measurements))
+            q = (
+                torch.tensor(res[m], dtype=torch.float64)
+                .quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+                .tolist()
+            )
+            calls = (
+                0
+                if m == "exact"
+                else network_calls(
+                    m, steps, jump=jump, resamples=resamples, particles=particles
+                )
+            )
+            rows.append(
+                dict(
+                    method=m,
+                    dim_x=dim_x,
+                    dim_y=dy,
+                    median=q[1],
+                    q25=q[0],
+                    q75=q[2],
+                    calls=calls,
+                    seconds=secs[m] / n_measurements,
+                )
+            )
     return rows
 
 # %% ../nbs/31_inverse.ipynb #c01852e5
-IMAGE_TASKS = ("bottom half", "right half", "centre 4x4", "random 50%", "super-resolution 2x")
+IMAGE_TASKS = (
+    "bottom half",
+    "right half",
+    "centre 4x4",
+    "random 50%",
+    "super-resolution 2x",
+)
 
 
-def image_task(name: str,                       # one of IMAGE_TASKS
-               shape: tuple = (1, 8, 8),        # (C, H, W) of one image
-               generator: torch.Generator | None = None,  # for the random mask
-              ) -> LinearOperator:
+def image_task(
+    name: str,  # one of IMAGE_TASKS
+    shape: tuple = (1, 8, 8),  # (C, H, W) of one image
+    generator: torch.Generator | None = None,  # for the random mask
+) -> LinearOperator:
     "The operator of a named image task: a MaskOperator (1 = known) or a PoolOperator."
     check_choice(name, IMAGE_TASKS, "name")
     C, H, W = shape
-    if name == "super-resolution 2x": return PoolOperator(2, shape)
+    if name == "super-resolution 2x":
+        return PoolOperator(2, shape)
     m = torch.ones(shape)
-    if name == "bottom half": m[:, H // 2:] = 0
-    elif name == "right half": m[:, :, W // 2:] = 0
-    elif name == "centre 4x4": m[:, H // 2 - 2:H // 2 + 2, W // 2 - 2:W // 2 + 2] = 0
-    else: m = (torch.rand(shape, generator=generator) < 0.5).float()
+    if name == "bottom half":
+        m[:, H // 2 :] = 0
+    elif name == "right half":
+        m[:, :, W // 2 :] = 0
+    elif name == "centre 4x4":
+        m[:, H // 2 - 2 : H // 2 + 2, W // 2 - 2 : W // 2 + 2] = 0
+    else:
+        m = (torch.rand(shape, generator=generator) < 0.5).float()
     return MaskOperator(m)
 
 
-def image_scores(x_hat: torch.Tensor,      # [B, 1, H, W] reconstructions in [-1, 1]
-                 x: torch.Tensor,          # [B, 1, H, W] the true images
-                 operator: LinearOperator, y: torch.Tensor,   # the measurement
-                 labels: torch.Tensor,     # [B] true classes
-                 classifier: Callable,     # images -> [B, 10] logits
-                ) -> dict:                 # psnr (dB), ssim, consistency, accuracy: means over B
+def image_scores(
+    x_hat: torch.Tensor,  # [B, 1, H, W] reconstructions in [-1, 1]
+    x: torch.Tensor,  # [B, 1, H, W] the true images
+    operator: LinearOperator,
+    y: torch.Tensor,  # the measurement
+    labels: torch.Tensor,  # [B] true classes
+    classifier: Callable,  # images -> [B, 10] logits
+) -> dict:  # psnr (dB), ssim, consistency, accuracy: means over B
     "PSNR, SSIM (3×3 window), ‖A x̂ - y‖ and classifier accuracy of reconstructions."
     xh, xt = x_hat.detach().clamp(-1, 1).double().cpu(), x.detach().double().cpu()
-    psnr = [peak_signal_noise_ratio(a[0].numpy(), b[0].numpy(), data_range=2)
-            for a, b in zip(xt, xh)]
-    ssim = [structural_similarity(a[0].numpy(), b[0].numpy(), data_range=2, win_size=3)
-            for a, b in zip(xt, xh)]
+    psnr = [
+        peak_signal_noise_ratio(a[0].numpy(), b[0].numpy(), data_range=2)
+        for a, b in zip(xt, xh)
+    ]
+    ssim = [
+        structural_similarity(a[0].numpy(), b[0].numpy(), data_range=2, win_size=3)
+        for a, b in zip(xt, xh)
+    ]
     cons = (operator.A(x_hat.detach()) - y).reshape(len(y), -1).norm(dim=1).mean()
     with torch.no_grad():
         acc = classifier(x_hat.detach().clamp(-1, 1)).argmax(1).cpu() == labels.cpu()
-    return dict(psnr=sum(psnr) / len(psnr), ssim=sum(ssim) / len(ssim), consistency=float(cons),
-                accuracy=float(acc.double().mean()))
+    return dict(
+        psnr=sum(psnr) / len(psnr),
+        ssim=sum(ssim) / len(ssim),
+        consistency=float(cons),
+        accuracy=float(acc.double().mean()),
+    )
 
 # %% ../nbs/31_inverse.ipynb #1b621f56
 def method_options(method: str, calls: int) -> dict:
     "solve_inverse options that spend about `calls` network calls per image (never more)."
     check_choice(method, METHODS, "method")
     C = check_int(calls, "calls", 4)
-    if method == "tds": return dict(steps=C // 4, particles=4, sigma_y=0.05)
-    if method != "repaint": return dict(steps=C)
+    if method == "tds":
+        return dict(steps=C // 4, particles=4, sigma_y=0.05)
+    if method != "repaint":
+        return dict(steps=C)
     j = max(2, C // 10)
-    S = next(S for S in range(C, 0, -1)
-             if network_calls("repaint", S, jump=j, resamples=2) <= C)
+    S = next(
+        S
+        for S in range(C, 0, -1)
+        if network_calls("repaint", S, jump=j, resamples=2) <= C
+    )
     return dict(steps=S, jump=j, resamples=2)
 
 
-def digits_benchmark(model: Callable, schedule: NoiseSchedule,
-                     images: torch.Tensor,       # [B, 1, 8, 8] true images in [-1, 1]
-                     labels: torch.Tensor,       # [B] their classes
-                     classifier: Callable,       # images -> logits, for the accuracy
-                     mean_image: torch.Tensor,   # [1, 8, 8], the 'fill with the mean' baseline
-                     tasks: tuple = IMAGE_TASKS, methods: tuple = METHODS,
-                     calls: int = 20,            # network calls per image, every method
-                     n_diversity: int = 8,       # draws of one y for the diversity column
-                     zeta: float = 1.0, seed: int = 0,
-                     mean_of: int = 0,           # also average this many replacement draws (0: no)
-                    ) -> list:                   # one dict per (task, method)
+def digits_benchmark(
+    model: Callable,
+    schedule: NoiseSchedule,
+    images: torch.Tensor,  # [B, 1, 8, 8] true images in [-1, 1]
+    labels: torch.Tensor,  # [B] their classes
+    classifier: Callable,  # images -> logits, for the accuracy
+    mean_image: torch.Tensor,  # [1, 8, 8], the 'fill with the mean' baseline
+    tasks: tuple = IMAGE_TASKS,
+    methods: tuple = METHODS,
+    calls: int = 20,  # network calls per image, every method
+    n_diversity: int = 8,  # draws of one y for the diversity column
+    zeta: float = 1.0,
+    seed: int = 0,
+    mean_of: int = 0,  # also average this many replacement draws (0: no)
+) -> list:  # one dict per (task, method)
     "Score every method and baseline on the digit tasks at equal network calls per image."
     rows = []
     for task in tasks:
         g = torch.Generator().manual_seed(seed)
         op = image_task(task, tuple(images.shape[1:]), g)
         y = op.A(images)
-        base = {"fill with the mean": mean_image + op.pinv(y - op.A(mean_image.expand_as(images)))}
+        base = {
+            "fill with the mean": mean_image
+            + op.pinv(y - op.A(mean_image.expand_as(images)))
+        }
         if isinstance(op, PoolOperator):
             base["nearest"] = op.pinv(y)
-            base["bicubic"] = F.interpolate(y, scale_factor=op.f, mode="bicubic", align_corners=False)
+            base["bicubic"] = F.interpolate(
+                y, scale_factor=op.f, mode="bicubic", align_corners=False
+            )
         for name, xh in base.items():
-            rows.append(dict(task=task, method=name, calls=0, diversity=0.0,
-                             **image_scores(xh, images, op, y, labels, classifier)))
+            rows.append(
+                dict(
+                    task=task,
+                    method=name,
+                    calls=0,
+                    diversity=0.0,
+                    **image_scores(xh, images, op, y, labels, classifier),
+                )
+            )
         yb = torch.cat([y, y[:1].expand(n_diversity, *y.shape[1:])])
         for m in methods:
             opts = method_options(m, calls)
             t0 = time.perf_counter()
-            out = solve_inverse(model, schedule, op, yb, m, clip_denoised=True, zeta=zeta,
-                                generator=g, **opts)
-            xh, div = out[:len(y)], float(out[len(y):].std(0).mean())
-            rows.append(dict(task=task, method=m, diversity=div, seconds=time.perf_counter() - t0,
-                             calls=network_calls(m, opts["steps"], jump=opts.get("jump", 1),
-                                                 resamples=opts.get("resamples", 1),
-                                                 particles=opts.get("particles", 1)),
-                             **image_scores(xh, images, op, y, labels, classifier)))
+            out = solve_inverse(
+                model,
+                schedule,
+                op,
+                yb,
+                m,
+                clip_denoised=True,
+                zeta=zeta,
+                generator=g,
+                **opts,
+            )
+            xh, div = out[: len(y)], float(out[len(y) :].std(0).mean())
+            rows.append(
+                dict(
+                    task=task,
+                    method=m,
+                    diversity=div,
+                    seconds=time.perf_counter() - t0,
+                    calls=network_calls(
+                        m,
+                        opts["steps"],
+                        jump=opts.get("jump", 1),
+                        resamples=opts.get("resamples", 1),
+                        particles=opts.get("particles", 1),
+                    ),
+                    **image_scores(xh, images, op, y, labels, classifier),
+                )
+            )
         if mean_of:
-            K, opts = check_int(mean_of, "mean_of", 1), method_options("replacement", calls)
-            out = solve_inverse(model, schedule, op, y.repeat(K, *[1] * (y.ndim - 1)),
-                                "replacement", clip_denoised=True, generator=g, **opts)
+            K, opts = (
+                check_int(mean_of, "mean_of", 1),
+                method_options("replacement", calls),
+            )
+            out = solve_inverse(
+                model,
+                schedule,
+                op,
+                y.repeat(K, *[1] * (y.ndim - 1)),
+                "replacement",
+                clip_denoised=True,
+                generator=g,
+                **opts,
+            )
             xh = out.reshape(K, *y.shape[:1], *out.shape[1:]).mean(0)
-            rows.append(dict(task=task, method=f"mean of {K} replacement draws", diversity=0.0,
-                             calls=K * opts["steps"],
-                             **image_scores(xh, images, op, y, labels, classifier)))
+            rows.append(
+                dict(
+                    task=task,
+                    method=f"mean of {K} replacement draws",
+                    diversity=0.0,
+                    calls=K * opts["steps"],
+                    **image_scores(xh, images, op, y, labels, classifier),
+                )
+            )
     return rows
