@@ -19,6 +19,7 @@ from . import __version__, pretrained
 from .core import make_grid
 from .parameterization import PREDICTIONS
 from .guidance import guided_sample
+from .inverse import METHODS, image_task, inpaint, super_resolve
 from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
 from .training import LOSSES, TrainConfig, load_checkpoint, load_trained, train
@@ -187,6 +188,81 @@ def _evaluate_command(args) -> int:
     print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
     return 0
 
+# %% ../nbs/14_cli.ipynb #e12e4739
+_PRESETS = {"bottom-half": "bottom half", "right-half": "right half", "centre": "centre 4x4",
+            "random50": "random 50%"}
+
+
+def _add_inverse_parser(sub, name: str):
+    "Options of `simple-diffusion inpaint` and `upscale`."
+    what = "fill the missing pixels of images" if name == "inpaint" else "super-resolve images"
+    p = sub.add_parser(name, help=f"{what} with a trained prior (.npy in, .npy out)",
+                       description=f"{what.capitalize()}: draws of p(x0 | y) with a diffusion "
+                                   "prior (inverse.solve_inverse).")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a run directory or a ckpt-* directory")
+    src.add_argument("--pretrained", help="a model shipped with the package, e.g. digits")
+    p.add_argument("--input", required=True, help="your .npy images [N, H, W] or [N, C, H, W]")
+    p.add_argument("--out", required=True, help="the .npy file to write [N*samples, C, H, W]")
+    p.add_argument("--png", default=None, help="also write the results as a PNG grid")
+    if name == "inpaint":
+        m = p.add_mutually_exclusive_group(required=True)
+        m.add_argument("--mask", help="a .npy of 0/1, [H, W] or [C, H, W]: 1 = known pixel")
+        m.add_argument("--mask-preset", choices=tuple(_PRESETS), help="one of the book's masks")
+    else:
+        p.add_argument("--factor", type=int, default=2, help="upscaling factor (default: 2)")
+    default = "repaint" if name == "inpaint" else "pigdm"
+    p.add_argument("--method", default=default, choices=METHODS, help=f"(default: {default})")
+    for flag, typ, dflt, text in (("--steps", int, 100, "respaced steps"),
+                                  ("--samples", int, 1, "completions drawn per input"),
+                                  ("--jump", int, 10, "RePaint's jump length j"),
+                                  ("--resamples", int, 10, "RePaint's resamples r"),
+                                  ("--zeta", float, 1.0, "DPS's step size"),
+                                  ("--particles", int, 16, "TDS's particles N"),
+                                  ("--sigma-y", float, 0.0, "measurement noise std (> 0 for tds)"),
+                                  ("--seed", int, 0, "random seed"),
+                                  ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
+        p.add_argument(flag, type=typ, default=dflt, help=f"{text} (default: {dflt})")
+    p.add_argument("--quiet", action="store_true", help="(accepted for symmetry; no bar is shown)")
+
+
+def _inverse_command(args) -> int:
+    from simple_diffusion.data import load_npy_images
+    if not args.out.endswith(".npy"):
+        raise ValueError(f"--out must name a .npy file, got {args.out!r}")
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    model, schedule, cfg, shape, _ = _load_model(args)
+    x = load_npy_images(args.input).repeat_interleave(args.samples, 0)
+    dev = next(model.parameters()).device
+    kw = dict(method=args.method, steps=args.steps, sigma_y=args.sigma_y, jump=args.jump,
+              resamples=args.resamples, zeta=args.zeta, particles=args.particles,
+              prediction=cfg.prediction, clip_denoised=True,
+              generator=torch.Generator(dev).manual_seed(args.seed))
+    if args.command == "inpaint":
+        if tuple(x.shape[1:]) != tuple(shape):
+            raise ValueError(f"--input images have shape {tuple(x.shape[1:])}, the model {shape}")
+        if args.mask is not None:
+            mask = torch.from_numpy(np.load(args.mask, allow_pickle=False))
+        else:
+            gen = torch.Generator().manual_seed(args.seed)
+            mask = image_task(_PRESETS[args.mask_preset], tuple(shape), gen).mask
+        out = inpaint(model, schedule, x.to(dev), mask, **kw)
+    else:
+        f = args.factor
+        if f < 1 or (x.shape[1], x.shape[2] * f, x.shape[3] * f) != tuple(shape):
+            raise ValueError(f"--input of shape {tuple(x.shape[1:])} upscaled by --factor {f} "
+                             f"must give the model's image shape {shape}")
+        out = super_resolve(model, schedule, x.to(dev), f, **kw)
+    out = out.float().cpu()
+    np.save(args.out, out.numpy())
+    if args.png:
+        _save_png(out, args.png)
+    also = f" and {args.png}" if args.png else ""
+    print(f"wrote {len(out)} images ({args.command}, {args.method}, {args.steps} steps) "
+          f"to {args.out}{also}")
+    return 0
+
 # %% ../nbs/14_cli.ipynb #0a066890
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit status 2."
@@ -240,7 +316,7 @@ def _add_config_options(p: argparse.ArgumentParser):
 
 # %% ../nbs/14_cli.ipynb #f9c499ba
 def build_parser() -> argparse.ArgumentParser:
-    "The `simple-diffusion` parser, with one subcommand per task: train, sample, evaluate."
+    "The `simple-diffusion` parser: train, sample, evaluate, inpaint, upscale."
     p = _Parser(
         prog="simple-diffusion",
         description="Denoising diffusion models, derived and measured.",
@@ -269,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_sample_parser(sub)
     _add_evaluate_parser(sub)
+    _add_inverse_parser(sub, "inpaint")
+    _add_inverse_parser(sub, "upscale")
     return p
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
@@ -290,6 +368,8 @@ _COMMANDS = {
     "train": _train_command,
     "sample": _sample_command,
     "evaluate": _evaluate_command,
+    "inpaint": _inverse_command,
+    "upscale": _inverse_command,
 }
 
 

@@ -603,9 +603,23 @@ def sample(
     device: str | torch.device | None = None,  # None: the model's device (else the CPU)
     dtype: torch.dtype = torch.float32,  # dtype of the drawn x_T (else the noise's)
     hook: Callable | None = None,  # hook(i, t, x, x̂_0) -> new x̂_0 or None, every step
+    y: torch.Tensor | None = None,  # [N] class labels of a class-conditional model
+    guidance: float = 0.0,  # classifier-free guidance weight w >= 0 (with y); see chapter 30
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] (and the Trajectory)
     """Draw N samples: `Denoiser` + `respace` + `run_sampler` in one call, bit for bit,
-    Eqs. (eq-sampling-ddpm)-(eq-sampling-dpmpp3m)."""
+    Eqs. (eq-sampling-ddpm)-(eq-sampling-dpmpp3m); with y (and guidance), class-conditional."""
+    if y is not None or guidance:
+        from simple_diffusion.guidance import guided_sample  # lazy: guidance imports sampling
+        if y is None:
+            raise ValueError(f"guidance={guidance!r} needs class labels y")
+        if model_kwargs:
+            raise ValueError("give the labels as y= or in model_kwargs, not both")
+        return guided_sample(model, schedule, shape, y, guidance, sampler=sampler, steps=steps,
+                             eta=eta, spacing=spacing, prediction=prediction, variance=variance,
+                             clip_denoised=clip_denoised, threshold=threshold, noise=noise,
+                             generator=generator, batch_size=batch_size,
+                             return_trajectory=return_trajectory, progress=progress,
+                             device=device, dtype=dtype, hook=hook)
     spaced, shape = _check_sample_args(
         schedule,
         shape,

@@ -274,3 +274,20 @@ def test_guidance_on_an_unconditional_unet_is_refused():
     model, sched, _ = load("digits")
     with pytest.raises(ValueError, match="guidance"):
         guided_sample(model, sched, (2, 1, 8, 8), torch.tensor([3, 4]), 2.0)
+
+
+def test_sample_takes_labels_and_guidance_directly(digits_cond):
+    "sample(..., y=, guidance=) is guided_sample: the same draws bit for bit, and the same checks."
+    model, sched, _ = digits_cond
+    y = torch.arange(4)
+    kw = dict(sampler="ddim", steps=3, clip_denoised=True)
+    a = sample(model, sched, (4, 1, 8, 8), y=y, guidance=1.5, generator=torch.Generator().manual_seed(5), **kw)
+    wrapped = ClassifierFreeGuidance(model, 1.5)
+    b = sample(wrapped, sched, (4, 1, 8, 8), generator=torch.Generator().manual_seed(5), model_kwargs={"y": y}, **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="needs class labels y"):
+        sample(model, sched, (4, 1, 8, 8), guidance=1.0, **kw)
+    with pytest.raises(ValueError, match="not both"):
+        sample(model, sched, (4, 1, 8, 8), y=y, model_kwargs={"y": y}, **kw)
+    with pytest.raises(ValueError, match="guidance"):
+        sample(model, sched, (4, 1, 8, 8), y=y, guidance=-1.0, **kw)
