@@ -15,52 +15,81 @@ __all__ = ['LatentAutoencoder', 'train_autoencoder', 'flow_matching_loss', 'flow
 
 # %% ../nbs/43_future.ipynb #2164bdef
 class LatentAutoencoder(nn.Module):
-    "A small convolutional autoencoder: 8×8 digits [B, 1, 8, 8] <-> latents [B, c, 4, 4] (unit scale)."
-    def __init__(self,
-                 latent_channels: int = 4,  # c, channels of the 4×4 latent, in [1, 16]
-                 width: int = 32,           # channels of the hidden convolutions
-                ):
-        super().__init__()
-        c, w = check_int(latent_channels, "latent_channels", 1, 16), check_int(width, "width", 1)
-        self.latent_channels = c
-        self.encoder = nn.Sequential(nn.Conv2d(1, w, 3, padding=1), nn.SiLU(),
-                                     nn.Conv2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
-                                     nn.Conv2d(w, c, 3, padding=1))
-        self.decoder = nn.Sequential(nn.Conv2d(c, w, 3, padding=1), nn.SiLU(),
-                                     nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), nn.SiLU(),
-                                     nn.Conv2d(w, 1, 3, padding=1), nn.Tanh())
-        self.register_buffer("scale", torch.ones(()))   # Rombach et al.'s scale factor, set after training
+    """A small convolutional autoencoder: 8×8 digits [B, 1, 8, 8] <-> latents [B, c, 4, 4] (unit
+    scale)."""
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:  # [B, 1, 8, 8] in [-1, 1] -> [B, c, 4, 4]
+    def __init__(
+        self,
+        latent_channels: int = 4,  # c, channels of the 4×4 latent, in [1, 16]
+        width: int = 32,  # channels of the hidden convolutions
+    ):
+        super().__init__()
+        c, w = (
+            check_int(latent_channels, "latent_channels", 1, 16),
+            check_int(width, "width", 1),
+        )
+        self.latent_channels = c
+        self.encoder = nn.Sequential(
+            nn.Conv2d(1, w, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(w, w, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(w, c, 3, padding=1),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(c, w, 3, padding=1),
+            nn.SiLU(),
+            nn.ConvTranspose2d(w, w, 4, stride=2, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(w, 1, 3, padding=1),
+            nn.Tanh(),
+        )
+        self.register_buffer(
+            "scale", torch.ones(())
+        )  # Rombach et al.'s scale factor, set after training
+
+    def encode(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # [B, 1, 8, 8] in [-1, 1] -> [B, c, 4, 4]
         "The latent z = E(x) / scale, Eq. (eq-future-ae)."
         x = check_tensor(x, "x", min_ndim=4)
         if tuple(x.shape[1:]) != (1, 8, 8):
-            raise ValueError(f"x must be [B, 1, 8, 8] digits, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be [B, 1, 8, 8] digits, got shape {tuple(x.shape)}"
+            )
         return self.encoder(x) / self.scale
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:  # [B, c, 4, 4] -> [B, 1, 8, 8] in (-1, 1)
+    def decode(
+        self, z: torch.Tensor
+    ) -> torch.Tensor:  # [B, c, 4, 4] -> [B, 1, 8, 8] in (-1, 1)
         "The image D(z · scale), Eq. (eq-future-ae)."
         z = check_tensor(z, "z", min_ndim=4)
         if tuple(z.shape[1:]) != (self.latent_channels, 4, 4):
-            raise ValueError(f"z must be [B, {self.latent_channels}, 4, 4], got shape {tuple(z.shape)}")
+            raise ValueError(
+                f"z must be [B, {self.latent_channels}, 4, 4], got shape {tuple(z.shape)}"
+            )
         return self.decoder(z * self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
 # %% ../nbs/43_future.ipynb #8b29d0f6
-def train_autoencoder(x: torch.Tensor,             # [N, 1, 8, 8] training images in [-1, 1]
-                      latent_channels: int = 4,    # c
-                      *,
-                      steps: int = 1000,           # AdamW steps, >= 1
-                      batch_size: int = 128,       # >= 1
-                      lr: float = 2e-3,            # peak learning rate (cosine decay), > 0
-                      latent_penalty: float = 1e-4,  # weight of mean z² (keeps the scale bounded), >= 0
-                      seed: int = 0,               # initial weights and batches
-                     ) -> tuple[LatentAutoencoder, list[float]]:  # the AE (eval mode), loss per step
+def train_autoencoder(
+    x: torch.Tensor,  # [N, 1, 8, 8] training images in [-1, 1]
+    latent_channels: int = 4,  # c
+    *,
+    steps: int = 1000,  # AdamW steps, >= 1
+    batch_size: int = 128,  # >= 1
+    lr: float = 2e-3,  # peak learning rate (cosine decay), > 0
+    latent_penalty: float = 1e-4,  # weight of mean z² (keeps the scale bounded), >= 0
+    seed: int = 0,  # initial weights and batches
+) -> tuple[LatentAutoencoder, list[float]]:  # the AE (eval mode), loss per step
     "Fit x ≈ D(E(x)) by MSE + a small L2 on z, then set scale so that latents have unit std."
     x = check_tensor(x, "x", min_ndim=4, finite=True)
-    steps, batch_size = check_int(steps, "steps", 1), check_int(batch_size, "batch_size", 1)
+    steps, batch_size = (
+        check_int(steps, "steps", 1),
+        check_int(batch_size, "batch_size", 1),
+    )
     lr = check_number(lr, "lr", 0, lo_open=True)
     penalty = check_number(latent_penalty, "latent_penalty", 0)
     torch.manual_seed(check_int(seed, "seed", 0))
@@ -85,24 +114,32 @@ def train_autoencoder(x: torch.Tensor,             # [N, 1, 8, 8] training image
 def _check_fm(x1, noise, t, generator):
     x1 = check_tensor(x1, "x1", min_ndim=2)
     if t is None:
-        t = torch.rand(len(x1), generator=generator, device=generator.device if generator else None)
+        t = torch.rand(
+            len(x1), generator=generator, device=generator.device if generator else None
+        )
         t = t.to(x1)
     t = check_tensor(t, "t", shape=(len(x1),))
     if ((t < 0) | (t > 1)).any():
         raise ValueError("t must lie in [0, 1]")
-    noise = randn(x1.shape, x1, generator) if noise is None else check_tensor(noise, "noise", shape=x1.shape)
+    noise = (
+        randn(x1.shape, x1, generator)
+        if noise is None
+        else check_tensor(noise, "noise", shape=x1.shape)
+    )
     return x1, noise, t.to(x1).reshape(-1, *([1] * (x1.ndim - 1)))
 
 
-def flow_matching_loss(model,                       # model(x_t, time_scale · t) -> velocity, like x1
-                       x1: torch.Tensor,            # [B, ...] data
-                       *,
-                       t: torch.Tensor | None = None,      # [B] times in [0, 1]; U[0, 1] if None
-                       noise: torch.Tensor | None = None,  # [B, ...] x_0 ~ N(0, I); drawn if None
-                       time_scale: float = 1000.0,  # t is fed to the network as time_scale · t
-                       generator: torch.Generator | None = None,
-                      ) -> torch.Tensor:           # [B] per-example MSE
-    "Conditional flow matching on the straight path x_t = (1-t) x_0 + t x_1, target x_1 - x_0, Eq. (eq-future-fm)."
+def flow_matching_loss(
+    model,  # model(x_t, time_scale · t) -> velocity, like x1
+    x1: torch.Tensor,  # [B, ...] data
+    *,
+    t: torch.Tensor | None = None,  # [B] times in [0, 1]; U[0, 1] if None
+    noise: torch.Tensor | None = None,  # [B, ...] x_0 ~ N(0, I); drawn if None
+    time_scale: float = 1000.0,  # t is fed to the network as time_scale · t
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:  # [B] per-example MSE
+    "Conditional flow matching on the straight path x_t = (1-t) x_0 + t x_1, target x_1 - x_0, "
+    "Eq. (eq-future-fm)."
     x1, x0, tb = _check_fm(x1, noise, t, generator)
     ts = check_number(time_scale, "time_scale", 0, lo_open=True)
     xt = (1 - tb) * x0 + tb * x1
@@ -111,12 +148,13 @@ def flow_matching_loss(model,                       # model(x_t, time_scale · t
 
 
 @torch.no_grad()
-def flow_sample(model,                        # model(x_t, time_scale · t) -> velocity
-                noise: torch.Tensor,          # [N, ...] x_0 ~ N(0, I)
-                steps: int = 50,              # Euler steps = network evaluations, >= 1
-                *,
-                time_scale: float = 1000.0,
-               ) -> torch.Tensor:             # [N, ...] x_1
+def flow_sample(
+    model,  # model(x_t, time_scale · t) -> velocity
+    noise: torch.Tensor,  # [N, ...] x_0 ~ N(0, I)
+    steps: int = 50,  # Euler steps = network evaluations, >= 1
+    *,
+    time_scale: float = 1000.0,
+) -> torch.Tensor:  # [N, ...] x_1
     "Integrate dx/dt = v(x, t) from t = 0 to 1 with Euler steps, Eq. (eq-future-fm-ode)."
     x = check_tensor(noise, "noise", min_ndim=2).clone()
     steps = check_int(steps, "steps", 1)
@@ -127,11 +165,13 @@ def flow_sample(model,                        # model(x_t, time_scale · t) -> v
     return x
 
 
-def mixture_velocity(mix: GaussianMixture,   # the data distribution, a mixture of Gaussians
-                     x: torch.Tensor,        # [N, D] points x_t
-                     t: torch.Tensor | float,  # [N] or a number in [0, 1)
-                    ) -> torch.Tensor:       # [N, D] float64, the exact marginal velocity
-    "E[x_1 - x_0 | x_t] for a Gaussian-mixture x_1 and x_0 ~ N(0, I), in closed form, Eq. (eq-future-fm-exact)."
+def mixture_velocity(
+    mix: GaussianMixture,  # the data distribution, a mixture of Gaussians
+    x: torch.Tensor,  # [N, D] points x_t
+    t: torch.Tensor | float,  # [N] or a number in [0, 1)
+) -> torch.Tensor:  # [N, D] float64, the exact marginal velocity
+    "E[x_1 - x_0 | x_t] for a Gaussian-mixture x_1 and x_0 ~ N(0, I), in closed form, Eq. "
+    "(eq-future-fm-exact)."
     x = check_tensor(x, "x", min_ndim=2)
     if x.ndim != 2 or x.shape[1] != mix.dim:
         raise ValueError(f"x must be [N, {mix.dim}], got shape {tuple(x.shape)}")
@@ -139,9 +179,11 @@ def mixture_velocity(mix: GaussianMixture,   # the data distribution, a mixture 
     t = torch.as_tensor(t, dtype=torch.float64).expand(len(x))[:, None, None]
     if ((t < 0) | (t >= 1)).any():
         raise ValueError("t must lie in [0, 1)")
-    m, s2 = mix.means[None], mix.stds[None] ** 2                         # [1, K, D]
-    var = t**2 * s2 + (1 - t) ** 2                                       # Var(x_t | k)
-    logw = (-0.5 * (x[:, None] - t * m) ** 2 / var - 0.5 * var.log()).sum(-1) + mix.weights.log()
-    w = torch.softmax(logw, dim=1)[..., None]                           # p(k | x_t)
-    e_x1 = m + t * s2 / var * (x[:, None] - t * m)                      # E[x_1 | x_t, k]
+    m, s2 = mix.means[None], mix.stds[None] ** 2  # [1, K, D]
+    var = t**2 * s2 + (1 - t) ** 2  # Var(x_t | k)
+    logw = (-0.5 * (x[:, None] - t * m) ** 2 / var - 0.5 * var.log()).sum(
+        -1
+    ) + mix.weights.log()
+    w = torch.softmax(logw, dim=1)[..., None]  # p(k | x_t)
+    e_x1 = m + t * s2 / var * (x[:, None] - t * m)  # E[x_1 | x_t, k]
     return ((w * e_x1).sum(1) - x) / (1 - t[:, 0])

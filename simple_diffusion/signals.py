@@ -10,7 +10,13 @@ import torch
 from scipy import signal as sps
 from torch import nn
 
-from .core import check_choice, check_int, check_number, check_tensor, randn
+from simple_diffusion.core import (
+    check_choice,
+    check_int,
+    check_number,
+    check_tensor,
+    randn,
+)
 from .forward import q_sample
 from .nets import timestep_embedding
 from .parameterization import p_mean_variance
@@ -22,33 +28,50 @@ __all__ = ['SIGNAL_KINDS', 'FREQ_RANGE', 'make_signals', 'welch_psd', 'psd_error
 
 # %% ../nbs/41_signals.ipynb #72309c52
 SIGNAL_KINDS = ("sines", "chirp", "damped")
-FREQ_RANGE = (0.01, 0.1)   # cycles per sample
+FREQ_RANGE = (0.01, 0.1)  # cycles per sample
+
 
 def _waveform(kind, t, L, rng):
     "One clean waveform of Eq. (eq-signals-families) and its recorded frequency."
     lo, hi = FREQ_RANGE
     if kind == "sines":
         m = rng.integers(1, 4)
-        f, a, ph = rng.uniform(lo, hi, m), rng.uniform(0.2, 1.0, m), rng.uniform(0, 2 * np.pi, m)
-        return (a[:, None] * np.cos(2 * np.pi * f[:, None] * t + ph[:, None])).sum(0), f[a.argmax()]
+        f, a, ph = (
+            rng.uniform(lo, hi, m),
+            rng.uniform(0.2, 1.0, m),
+            rng.uniform(0, 2 * np.pi, m),
+        )
+        return (a[:, None] * np.cos(2 * np.pi * f[:, None] * t + ph[:, None])).sum(
+            0
+        ), f[a.argmax()]
     if kind == "chirp":
         f0, f1, ph = rng.uniform(lo, hi), rng.uniform(lo, hi), rng.uniform(0, 2 * np.pi)
-        return np.cos(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * L)) + ph), (f0 + f1) / 2
-    f, ph, tau = rng.uniform(lo, hi), rng.uniform(0, 2 * np.pi), rng.uniform(0.2, 1.0) * L
+        return np.cos(2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * L)) + ph), (
+            f0 + f1
+        ) / 2
+    f, ph, tau = (
+        rng.uniform(lo, hi),
+        rng.uniform(0, 2 * np.pi),
+        rng.uniform(0.2, 1.0) * L,
+    )
     return np.exp(-t / tau) * np.cos(2 * np.pi * f * t + ph), f
 
 
-def make_signals(n: int,                       # number of signals, >= 1
-                 length: int = 256,            # L, samples per signal, in [16, 8192]
-                 *,
-                 kinds: tuple = SIGNAL_KINDS,  # families to draw from, each equally likely
-                 noise_std: float = 0.02,      # σ_n of the white measurement noise, >= 0
-                 seed: int = 0,                # everything random comes from this seed
-                ) -> tuple[torch.Tensor, dict]:  # x [n, 1, L] float32; info: kind [n], freq [n]
-    "Random sums of sines, chirps and damped oscillations (clean peak 0.9), Eq. (eq-signals-families)."
+def make_signals(
+    n: int,  # number of signals, >= 1
+    length: int = 256,  # L, samples per signal, in [16, 8192]
+    *,
+    kinds: tuple = SIGNAL_KINDS,  # families to draw from, each equally likely
+    noise_std: float = 0.02,  # σ_n of the white measurement noise, >= 0
+    seed: int = 0,  # everything random comes from this seed
+) -> tuple[torch.Tensor, dict]:  # x [n, 1, L] float32; info: kind [n], freq [n]
+    "Random sums of sines, chirps and damped oscillations (clean peak 0.9), Eq. "
+    "(eq-signals-families)."
     n, L = check_int(n, "n", 1), check_int(length, "length", 16, 8192)
     if not isinstance(kinds, (tuple, list)) or not kinds:
-        raise ValueError(f"kinds must be a non-empty tuple drawn from {SIGNAL_KINDS}, got {kinds!r}")
+        raise ValueError(
+            f"kinds must be a non-empty tuple drawn from {SIGNAL_KINDS}, got {kinds!r}"
+        )
     for k in kinds:
         check_choice(k, SIGNAL_KINDS, "kinds")
     noise_std = check_number(noise_std, "noise_std", 0)
@@ -57,7 +80,9 @@ def make_signals(n: int,                       # number of signals, >= 1
     x, freq = np.zeros((n, L)), np.zeros(n)
     for i in range(n):
         x[i], freq[i] = _waveform(kinds[which[i]], t, L, rng)
-    x = 0.9 * x / np.abs(x).max(1, keepdims=True) + noise_std * rng.standard_normal((n, L))
+    x = 0.9 * x / np.abs(x).max(1, keepdims=True) + noise_std * rng.standard_normal(
+        (n, L)
+    )
     info = dict(kind=[kinds[j] for j in which], freq=torch.from_numpy(freq))
     return torch.from_numpy(x).float().unsqueeze(1), info
 
@@ -68,31 +93,37 @@ def _as_rows(x, name):
     return x.reshape(len(x), -1).double().cpu().numpy()
 
 
-def welch_psd(x: torch.Tensor,     # [N, 1, L] or [N, L] signals
-              nperseg: int = 64,   # M, Welch segment length, in [8, L]
-             ) -> tuple[np.ndarray, np.ndarray]:  # frequencies [F] (cycles/sample), PSD [N, F]
-    "Welch's one-sided power spectral density (Hann, half overlap), per signal, Eq. (eq-signals-welch)."
+def welch_psd(
+    x: torch.Tensor,  # [N, 1, L] or [N, L] signals
+    nperseg: int = 64,  # M, Welch segment length, in [8, L]
+) -> tuple[np.ndarray, np.ndarray]:  # frequencies [F] (cycles/sample), PSD [N, F]
+    "Welch's one-sided power spectral density (Hann, half overlap), per signal, Eq. "
+    "(eq-signals-welch)."
     x = _as_rows(x, "x")
     nperseg = check_int(nperseg, "nperseg", 8, x.shape[1])
     return sps.welch(x, fs=1.0, window="hann", nperseg=nperseg, axis=-1)
 
 
-def psd_error_db(x: torch.Tensor,    # [N, 1, L] generated signals
-                 ref: torch.Tensor,  # [M, 1, L] real signals of the same length
-                 nperseg: int = 64,  # Welch segment length
-                ) -> float:          # dB, >= 0
+def psd_error_db(
+    x: torch.Tensor,  # [N, 1, L] generated signals
+    ref: torch.Tensor,  # [M, 1, L] real signals of the same length
+    nperseg: int = 64,  # Welch segment length
+) -> float:  # dB, >= 0
     "Mean |dB difference| of the two sets' average Welch spectra, Eq. (eq-signals-psd-error)."
     a, b = _as_rows(x, "x"), _as_rows(ref, "ref")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"x and ref must have the same length, got {a.shape[1]} and {b.shape[1]}")
+        raise ValueError(
+            f"x and ref must have the same length, got {a.shape[1]} and {b.shape[1]}"
+        )
     pa = welch_psd(torch.from_numpy(a), nperseg)[1].mean(0)
     pb = welch_psd(torch.from_numpy(b), nperseg)[1].mean(0)
     return float(np.abs(10 * np.log10(pa) - 10 * np.log10(pb)).mean())
 
 
-def dominant_frequency(x: torch.Tensor,     # [N, 1, L] or [N, L] signals
-                       oversample: int = 8, # zero-padding factor of the FFT, >= 1
-                      ) -> tuple[torch.Tensor, torch.Tensor]:  # f* [N] cycles/sample, peak fraction [N]
+def dominant_frequency(
+    x: torch.Tensor,  # [N, 1, L] or [N, L] signals
+    oversample: int = 8,  # zero-padding factor of the FFT, >= 1
+) -> tuple[torch.Tensor, torch.Tensor]:  # f* [N] cycles/sample, peak fraction [N]
     "The highest peak of each Hann periodogram, and the share of power within ±2 bins (1/L) of it."
     x = _as_rows(x, "x")
     k = check_int(oversample, "oversample", 1)
@@ -105,19 +136,25 @@ def dominant_frequency(x: torch.Tensor,     # [N, 1, L] or [N, L] signals
 # %% ../nbs/41_signals.ipynb #503fec0c
 class DilatedResidualLayer(nn.Module):
     "DiffWave's layer (Kong et al. 2021, Fig. 2): +t-embedding, dilated conv, tanh·σ gate, 1×1."
-    def __init__(self,
-                 channels: int,         # residual channels
-                 dilation: int,         # d_i
-                 emb_dim: int,          # width of the timestep features
-                 kernel_size: int = 3,  # k, odd
-                ):
+
+    def __init__(
+        self,
+        channels: int,  # residual channels
+        dilation: int,  # d_i
+        emb_dim: int,  # width of the timestep features
+        kernel_size: int = 3,  # k, odd
+    ):
         super().__init__()
         self.emb = nn.Linear(emb_dim, channels)
         pad = dilation * (kernel_size - 1) // 2
-        self.conv = nn.Conv1d(channels, 2 * channels, kernel_size, dilation=dilation, padding=pad)
+        self.conv = nn.Conv1d(
+            channels, 2 * channels, kernel_size, dilation=dilation, padding=pad
+        )
         self.out = nn.Conv1d(channels, 2 * channels, 1)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, h: torch.Tensor, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.conv(h + self.emb(emb)[:, :, None]).chunk(2, dim=1)
         res, skip = self.out(torch.tanh(a) * torch.sigmoid(b)).chunk(2, dim=1)
         return (h + res) / math.sqrt(2), skip
@@ -125,14 +162,16 @@ class DilatedResidualLayer(nn.Module):
 
 class SignalDenoiser(nn.Module):
     "A small DiffWave-style ε-network: x [B, C, L], t [B] (integer or fractional) -> [B, C, L]."
-    def __init__(self,
-                 in_channels: int = 1,   # C
-                 channels: int = 16,     # residual channels
-                 layers: int = 6,        # residual layers, >= 1
-                 cycle: int = 4,         # dilations 1, 2, …, 2^(cycle-1), repeated
-                 kernel_size: int = 3,   # k, odd, >= 3
-                 time_dim: int = 64,     # width of the sinusoidal timestep embedding
-                ):
+
+    def __init__(
+        self,
+        in_channels: int = 1,  # C
+        channels: int = 16,  # residual channels
+        layers: int = 6,  # residual layers, >= 1
+        cycle: int = 4,  # dilations 1, 2, …, 2^(cycle-1), repeated
+        kernel_size: int = 3,  # k, odd, >= 3
+        time_dim: int = 64,  # width of the sinusoidal timestep embedding
+    ):
         super().__init__()
         self.in_channels = check_int(in_channels, "in_channels", 1)
         ch, layers = check_int(channels, "channels", 1), check_int(layers, "layers", 1)
@@ -140,15 +179,23 @@ class SignalDenoiser(nn.Module):
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.time_dim = check_int(time_dim, "time_dim", 2)
-        self.dilations = [2 ** (i % check_int(cycle, "cycle", 1)) for i in range(layers)]
+        self.dilations = [
+            2 ** (i % check_int(cycle, "cycle", 1)) for i in range(layers)
+        ]
         emb = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(self.time_dim, emb), nn.SiLU(), nn.Linear(emb, emb),
-                                      nn.SiLU())
+        self.time_mlp = nn.Sequential(
+            nn.Linear(self.time_dim, emb), nn.SiLU(), nn.Linear(emb, emb), nn.SiLU()
+        )
         self.inp = nn.Conv1d(self.in_channels, ch, 1)
-        self.layers = nn.ModuleList(DilatedResidualLayer(ch, d, emb, self.kernel_size)
-                                    for d in self.dilations)
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv1d(ch, ch, 1), nn.ReLU(),
-                                  nn.Conv1d(ch, self.in_channels, 1))
+        self.layers = nn.ModuleList(
+            DilatedResidualLayer(ch, d, emb, self.kernel_size) for d in self.dilations
+        )
+        self.head = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv1d(ch, ch, 1),
+            nn.ReLU(),
+            nn.Conv1d(ch, self.in_channels, 1),
+        )
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
 
@@ -160,9 +207,13 @@ class SignalDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         check_tensor(x, "x", min_ndim=3)
         if x.ndim != 3 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be [B, {self.in_channels}, L], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"x must be [B, {self.in_channels}, L], got shape {tuple(x.shape)}"
+            )
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (len(x),):
-            raise ValueError(f"t must be a tensor of shape [{len(x)}], got {getattr(t, 'shape', t)!r}")
+            raise ValueError(
+                f"t must be a tensor of shape [{len(x)}], got {getattr(t, 'shape', t)!r}"
+            )
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x))
         h, skips = torch.relu(self.inp(x)), 0
         for layer in self.layers:
@@ -171,52 +222,66 @@ class SignalDenoiser(nn.Module):
         return self.head(skips / math.sqrt(len(self.layers)))
 
 # %% ../nbs/41_signals.ipynb #9734f2ff
-def align_timesteps(train: NoiseSchedule,  # the schedule the network was trained with (T steps)
-                    fast: NoiseSchedule,   # a schedule of its own (S steps), √ᾱ within train's range
-                   ) -> torch.Tensor:      # [S] float64 fractional code timesteps of `train`
-    "Kong et al. 2021, App. B: the fractional t where train's √ᾱ meets fast's, Eq. (eq-signals-align)."
+def align_timesteps(
+    train: NoiseSchedule,  # the schedule the network was trained with (T steps)
+    fast: NoiseSchedule,  # a schedule of its own (S steps), √ᾱ within train's range
+) -> torch.Tensor:  # [S] float64 fractional code timesteps of `train`
+    "Kong et al. 2021, App. B: the fractional t where train's √ᾱ meets fast's, Eq. "
+    "(eq-signals-align)."
     for v, name in ((train, "train"), (fast, "fast")):
         if not isinstance(v, NoiseSchedule):
             raise ValueError(f"{name} must be a NoiseSchedule, got {type(v).__name__}")
     a, b = train.sqrt_alphas_cumprod.cpu(), fast.sqrt_alphas_cumprod.cpu()
     if b.max() > a[0] + 1e-9 or b.min() < a[-1] - 1e-9:
-        raise ValueError(f"fast must keep √ᾱ within train's range [{a[-1]:.4g}, {a[0]:.4g}], "
-                         f"got [{b.min():.4g}, {b.max():.4g}]")
+        raise ValueError(
+            f"fast must keep √ᾱ within train's range [{a[-1]:.4g}, {a[0]:.4g}], "
+            f"got [{b.min():.4g}, {b.max():.4g}]"
+        )
     if len(a) == 1:
         return torch.zeros(len(b), dtype=torch.float64)
-    i = (torch.searchsorted(-a, -b, right=True) - 1).clamp(0, len(a) - 2)   # a[i] >= b >= a[i+1]
+    i = (torch.searchsorted(-a, -b, right=True) - 1).clamp(
+        0, len(a) - 2
+    )  # a[i] >= b >= a[i+1]
     return (i + (a[i] - b) / (a[i] - a[i + 1])).clamp(0, len(a) - 1)
 
 
 class TimestepAligned(nn.Module):
     "A network trained on `train`, called at the aligned fractional t when sampled on `fast`."
+
     def __init__(self, model: nn.Module, train: NoiseSchedule, fast: NoiseSchedule):
         super().__init__()
         self.model = model
-        self.register_buffer("t_aligned", align_timesteps(train, fast).float(), persistent=False)
+        self.register_buffer(
+            "t_aligned", align_timesteps(train, fast).float(), persistent=False
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         return self.model(x, self.t_aligned.to(x.device)[t], **kwargs)
 
 # %% ../nbs/41_signals.ipynb #9f1b559a
 @torch.no_grad()
-def inpaint_replacement(model: nn.Module,          # ε-network model(x_t, t)
-                        schedule: NoiseSchedule,    # its schedule (T steps), or a fast one + wrapper
-                        x_known: torch.Tensor,      # [B, C, L] signals; values where mask = 0 unused
-                        mask: torch.Tensor,         # broadcastable to x_known: 1 known, 0 missing
-                        *,
-                        generator: torch.Generator | None = None,  # x_T and every step's noise
-                       ) -> torch.Tensor:           # [B, C, L], x_known exactly where mask = 1
+def inpaint_replacement(
+    model: nn.Module,  # ε-network model(x_t, t)
+    schedule: NoiseSchedule,  # its schedule (T steps), or a fast one + wrapper
+    x_known: torch.Tensor,  # [B, C, L] signals; values where mask = 0 unused
+    mask: torch.Tensor,  # broadcastable to x_known: 1 known, 0 missing
+    *,
+    generator: torch.Generator | None = None,  # x_T and every step's noise
+) -> torch.Tensor:  # [B, C, L], x_known exactly where mask = 1
     "Inpainting by replacement (Song et al. 2021, App. I.2), DDPM steps, Eq. (eq-signals-replace)."
     if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
     x_known = check_tensor(x_known, "x_known", min_ndim=2, finite=True)
     mask = check_tensor(mask, "mask", floating=False)
     try:
         mask = torch.broadcast_to(mask, x_known.shape).to(x_known)
     except RuntimeError:
-        raise ValueError(f"mask must broadcast to x_known's shape {tuple(x_known.shape)}, "
-                         f"got {tuple(mask.shape)}") from None
+        raise ValueError(
+            f"mask must broadcast to x_known's shape {tuple(x_known.shape)}, "
+            f"got {tuple(mask.shape)}"
+        ) from None
     if ((mask != 0) & (mask != 1)).any():
         raise ValueError("mask must hold only 0 (missing) and 1 (known)")
     x = randn(x_known.shape, x_known, generator)
