@@ -154,6 +154,7 @@ class SpacedSchedule(NoiseSchedule):
             schedule, "timesteps", None
         )  # respacing a respaced one composes the maps
         self.timesteps = ts.long() if orig is None else orig[ts]
+        self.parent = getattr(schedule, "parent", schedule)  # the model's own T-step schedule
         self.original_alphas_cumprod = schedule.alphas_cumprod.cpu()[ts]
 
     def __repr__(self):
@@ -634,7 +635,9 @@ def sample(
         hook,
     )
     learned = variance == "learned_range"
-    denoiser = Denoiser(model, schedule, prediction, clip_denoised, threshold, learned)
+    # a model trained on (or distilled to) a SpacedSchedule still sees the original code t
+    root = getattr(schedule, "parent", schedule)
+    denoiser = Denoiser(model, root, prediction, clip_denoised, threshold, learned)
     _check_start(spaced, prediction)
     dev = _device_for(model, device)
     if noise is None:
