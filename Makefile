@@ -8,7 +8,7 @@ TORCH  ?= torch
 PYTEST_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: install export check-sync lint format pytest nbval book book-build screens test wheel clean strip
+.PHONY: install export check-sync lint format pytest nbval pytest-nbval book book-build screens test wheel clean strip
 
 $(STAMP): settings.ini setup.py pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -47,11 +47,14 @@ book-build: install        ## the book from the current module (no export: safe 
 	rm -rf _build/html
 	MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/jupyter-book build . -W -n --keep-going
 
-# The notebooks are executed twice (nbval, then the book): run the two side by side, one per core,
-# with the package tests queued behind nbval. -O prints each target's output when it finishes;
-# any failure still fails `make test`.
+# The notebooks are executed twice (nbval, and the book): run the two side by side, one per core,
+# the package tests first on nbval's core. -O prints each job's output when it finishes; -k runs
+# every job to the end, so one run reports every failure; any failure still fails `make test`.
 test: check-sync lint
-	$(MAKE) -j2 -O pytest nbval book-build
+	$(MAKE) -k -j2 -O book-build pytest-nbval
+
+pytest-nbval: pytest
+	$(MAKE) nbval
 
 screens:                   ## screenshot every page of _build/html and measure over-wide maths (needs chromium + playwright)
 	$(PY) scripts/screenshot_book.py --html _build/html --out _build/screens
