@@ -55,6 +55,8 @@ def glue(
 ):
     """Record `value` for the book's text with `myst_nb.glue`; a no-op returning `value` without
     myst-nb."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.ndim == 0):
+        value = value.item()  # numpy/torch scalars as Python numbers, so `:.3f` formats work
     try:
         from myst_nb import glue as _glue
     except ImportError:
