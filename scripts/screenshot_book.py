@@ -59,8 +59,8 @@ def main(argv=None):
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": args.width, "height": 900})
         for p in pages:
-            page.goto(p.resolve().as_uri())
-            page.wait_for_load_state("networkidle")
+            page.goto(p.resolve().as_uri(), wait_until="load")
+            page.wait_for_load_state("load")
             page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
             page.wait_for_timeout(300)
             report[p.name] = page.evaluate(MEASURE)
