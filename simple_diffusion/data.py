@@ -242,7 +242,7 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 def _image_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
-    "Image files under root: (files, labels or None, class names); class folders if any hold images."
+    "Image files under root: (files, labels or None, class names); class folders if any hold any."
     def images(d):
         return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -328,7 +328,8 @@ def read_idx(
         try:
             head = f.read(4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES or not head[3]:
-                raise ValueError(f"{str(p)!r}: not an IDX file (magic bytes {head.hex() or 'none'})")
+                magic = head.hex() or "none"
+                raise ValueError(f"{str(p)!r}: not an IDX file (magic bytes {magic})")
             dims_raw = f.read(4 * head[3])
             if len(dims_raw) < 4 * head[3]:
                 raise ValueError(f"{str(p)!r}: truncated IDX header")
@@ -385,7 +386,9 @@ def load_mnist(
         raise ValueError(f"{str(images)!r}: expected uint8 images [N, H, W], got {a.dtype} "
                          f"{a.shape}")
     if y.dtype != np.uint8 or y.shape != (len(a),):
-        raise ValueError(f"{str(labels)!r}: expected {len(a)} uint8 labels, got {y.dtype} {y.shape}")
+        raise ValueError(
+            f"{str(labels)!r}: expected {len(a)} uint8 labels, got {y.dtype} {y.shape}"
+        )
     x = torch.from_numpy(a.astype(np.float32) / 127.5 - 1).unsqueeze(1)
     if pad:
         x = F.pad(x, (pad,) * 4, value=-1.0)
@@ -408,7 +411,8 @@ def load_torchvision(
         from torchvision import datasets
     except Exception as e:  # ImportError, or a torchvision built for another torch
         raise ImportError(f"data 'torchvision:{name}' needs torchvision, which does not import "
-                          f"here ({e}); use 'folder:PATH' or 'mnist:PATH' with local files") from None
+                          f"here ({e}); use 'folder:PATH' or 'mnist:PATH' with local files"
+                          ) from None
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cls = getattr(datasets, name, None)
