@@ -474,6 +474,7 @@ def load_training_data(
     kind, colon, rest = data.partition(":")
     if colon and kind in DATA_KINDS:
         where, _, query = rest.partition("?")
+        where = where if kind == "torchvision" else os.path.expanduser(where)
         if not where:
             what = "a dataset name" if kind == "torchvision" else "a path"
             raise ValueError(f"data={data!r}: {kind}: needs {what}")

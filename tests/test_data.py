@@ -288,3 +288,11 @@ def test_cli_trains_on_an_image_folder(tmp_path):
     r = subprocess.run([exe, "train", "--data", f"folder:{imgs}?size=8", "--out", str(tmp_path / "r2"),
                         "--steps", "1", "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "bad.png" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_data_spec_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pics").mkdir()
+    Image.new("L", (4, 4)).save(tmp_path / "pics" / "a.png")
+    x, y = load_training_data("folder:~/pics")
+    assert x.shape == (1, 1, 4, 4) and y is None
