@@ -243,20 +243,29 @@ _GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 def _image_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
     "Image files under root: (files, labels or None, class names); class folders if any hold any."
+
     def images(d):
-        return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(
+            p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
 
     if not root.is_dir():
         raise FileNotFoundError(f"folder {str(root)!r}: no such directory")
-    subs = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    subs = [
+        d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+    ]
     subs = [d for d in subs if images(d)]
     top = images(root)
     if subs and top:
-        raise ValueError(f"folder {str(root)!r} holds images both directly ({top[0].name}) and in "
-                         f"class sub-folders ({subs[0].name}/); use one layout")
+        raise ValueError(
+            f"folder {str(root)!r} holds images both directly ({top[0].name}) and in "
+            f"class sub-folders ({subs[0].name}/); use one layout"
+        )
     if not subs:
         if not top:
-            raise ValueError(f"folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images")
+            raise ValueError(
+                f"folder {str(root)!r} holds no {'/'.join(IMAGE_SUFFIXES)} images"
+            )
         return top, None, []
     files, labels = [], []
     for k, d in enumerate(subs):
@@ -267,12 +276,16 @@ def _image_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
 
 # %% ../nbs/01_data.ipynb #ab35a320
 def load_image_folder(
-    path: str | os.PathLike,  # a folder of PNG/JPEG images, or of class sub-folders of them
+    path: str
+    | os.PathLike,  # a folder of PNG/JPEG images, or of class sub-folders of them
     *,
-    size: int | None = None,  # resize every image to size x size (bicubic); None keeps it
+    size: int
+    | None = None,  # resize every image to size x size (bicubic); None keeps it
     crop: bool = False,  # first centre-crop every image to its largest centred square
     grayscale: bool = False,  # one channel; otherwise RGB, or one channel if all are grey
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # x [N, C, H, W] in [-1, 1], labels [N] or None
+) -> tuple[
+    torch.Tensor, torch.Tensor | None
+]:  # x [N, C, H, W] in [-1, 1], labels [N] or None
     """Images of a folder as float32 [N, C, H, W] in [-1, 1]; labels are the indices of the
     sorted class sub-folder names (torchvision's ImageFolder layout), or None without them."""
     from PIL import Image
@@ -285,7 +298,11 @@ def load_image_folder(
             with Image.open(f) as im:
                 im.load()
                 imgs.append(im.copy())
-        except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+        ) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"{str(f)!r}: not a readable image ({e})") from None
     gray = grayscale or all(im.mode in _GRAY_MODES for im in imgs)
     arrays = []
@@ -307,10 +324,19 @@ def load_image_folder(
     a = np.stack(arrays)
     a = a[:, None] if gray else a.transpose(0, 3, 1, 2)
     x = torch.from_numpy(a.astype(np.float32) / 127.5 - 1)
-    return x.contiguous(), None if labels is None else torch.tensor(labels, dtype=torch.long)
+    return x.contiguous(), None if labels is None else torch.tensor(
+        labels, dtype=torch.long
+    )
 
 # %% ../nbs/01_data.ipynb #a8b689a1
-IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES = {
+    0x08: ">u1",
+    0x09: ">i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(
@@ -327,7 +353,12 @@ def read_idx(
     with (gzip.open if compressed else open)(p, "rb") as f:
         try:
             head = f.read(4)
-            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in IDX_DTYPES or not head[3]:
+            if (
+                len(head) < 4
+                or head[:2] != b"\0\0"
+                or head[2] not in IDX_DTYPES
+                or not head[3]
+            ):
                 magic = head.hex() or "none"
                 raise ValueError(f"{str(p)!r}: not an IDX file (magic bytes {magic})")
             dims_raw = f.read(4 * head[3])
@@ -337,17 +368,23 @@ def read_idx(
             dtype = np.dtype(IDX_DTYPES[head[2]])
             n = math.prod(dims) * dtype.itemsize
             if n > max_bytes:
-                raise ValueError(f"{str(p)!r}: the header announces {n} bytes (dims {dims}), "
-                                 f"more than max_bytes={max_bytes}")
+                raise ValueError(
+                    f"{str(p)!r}: the header announces {n} bytes (dims {dims}), "
+                    f"more than max_bytes={max_bytes}"
+                )
             if not compressed and p.stat().st_size != 4 + len(dims_raw) + n:
-                raise ValueError(f"{str(p)!r}: dims {dims} need {4 + len(dims_raw) + n} bytes, "
-                                 f"the file has {p.stat().st_size} (truncated or corrupt)")
+                raise ValueError(
+                    f"{str(p)!r}: dims {dims} need {4 + len(dims_raw) + n} bytes, "
+                    f"the file has {p.stat().st_size} (truncated or corrupt)"
+                )
             chunks, left = [], n
             while left:
                 chunk = f.read(min(left, 1 << 20))
                 if not chunk:
-                    raise ValueError(f"{str(p)!r}: truncated: dims {dims} need {n} data bytes, "
-                                     f"got {n - left}")
+                    raise ValueError(
+                        f"{str(p)!r}: truncated: dims {dims} need {n} data bytes, "
+                        f"got {n - left}"
+                    )
                 chunks.append(chunk)
                 left -= len(chunk)
             if f.read(1):
@@ -360,19 +397,29 @@ def read_idx(
 def _idx_file(root: Path, stem: str) -> Path:
     "The first of stem-idxN-ubyte, stem.idxN-ubyte (.gz or not) in root or root/raw."
     for d in (root, root / "raw"):
-        found = sorted(d.glob(stem.replace("-", "[-.]", 1) + "*-ubyte*")) if d.is_dir() else []
+        found = (
+            sorted(d.glob(stem.replace("-", "[-.]", 1) + "*-ubyte*"))
+            if d.is_dir()
+            else []
+        )
         if found:
             return found[0]
-    raise FileNotFoundError(f"no {stem}-*-ubyte[.gz] file in {str(root)!r} (or its raw/ folder)")
+    raise FileNotFoundError(
+        f"no {stem}-*-ubyte[.gz] file in {str(root)!r} (or its raw/ folder)"
+    )
 
 
 def load_mnist(
-    path: str | os.PathLike,  # folder with MNIST or Fashion-MNIST IDX files (raw or .gz)
+    path: str
+    | os.PathLike,  # folder with MNIST or Fashion-MNIST IDX files (raw or .gz)
     split: str = "train",  # "train" (train-*) or "test" (t10k-*)
     *,
     pad: int = 0,  # pixels of background (-1) added on every side, >= 0
-    size: int | None = None,  # resize (after padding) to size x size, bilinear; None keeps it
-) -> tuple[torch.Tensor, torch.Tensor]:  # images [N, 1, H, W] float32 in [-1, 1], labels [N] long
+    size: int
+    | None = None,  # resize (after padding) to size x size, bilinear; None keeps it
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # images [N, 1, H, W] float32 in [-1, 1], labels [N] long
     "MNIST-format images and labels (MNIST, Fashion-MNIST, KMNIST) from local IDX files."
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -383,8 +430,9 @@ def load_mnist(
     labels = _idx_file(Path(path), f"{prefix}-labels")
     a, y = read_idx(images), read_idx(labels)
     if a.dtype != np.uint8 or a.ndim != 3 or not len(a):
-        raise ValueError(f"{str(images)!r}: expected uint8 images [N, H, W], got {a.dtype} "
-                         f"{a.shape}")
+        raise ValueError(
+            f"{str(images)!r}: expected uint8 images [N, H, W], got {a.dtype} {a.shape}"
+        )
     if y.dtype != np.uint8 or y.shape != (len(a),):
         raise ValueError(
             f"{str(labels)!r}: expected {len(a)} uint8 labels, got {y.dtype} {y.shape}"
@@ -393,8 +441,13 @@ def load_mnist(
     if pad:
         x = F.pad(x, (pad,) * 4, value=-1.0)
     if size is not None and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < x.shape[-1]).clamp(-1, 1)
+        x = F.interpolate(
+            x,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=size < x.shape[-1],
+        ).clamp(-1, 1)
     return x.contiguous(), torch.from_numpy(y.astype(np.int64))
 
 # %% ../nbs/01_data.ipynb #bd5b4f18
@@ -405,29 +458,46 @@ def load_torchvision(
     *,
     download: bool = False,  # let torchvision download the files (Colab)
     size: int | None = None,  # resize to size x size, bilinear; None keeps it
-) -> tuple[torch.Tensor, torch.Tensor]:  # images [N, C, H, W] float32 in [-1, 1], labels [N]
+) -> tuple[
+    torch.Tensor, torch.Tensor
+]:  # images [N, C, H, W] float32 in [-1, 1], labels [N]
     "A torchvision image-classification data set as tensors (needs torchvision)."
     try:
         from torchvision import datasets
     except Exception as e:  # ImportError, or a torchvision built for another torch
-        raise ImportError(f"data 'torchvision:{name}' needs torchvision, which does not import "
-                          f"here ({e}); use 'folder:PATH' or 'mnist:PATH' with local files"
-                          ) from None
+        raise ImportError(
+            f"data 'torchvision:{name}' needs torchvision, which does not import "
+            f"here ({e}); use 'folder:PATH' or 'mnist:PATH' with local files"
+        ) from None
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     cls = getattr(datasets, name, None)
     if not isinstance(cls, type):
-        raise ValueError(f"name must be a torchvision.datasets class such as 'MNIST', got {name!r}")
+        raise ValueError(
+            f"name must be a torchvision.datasets class such as 'MNIST', got {name!r}"
+        )
     ds = cls(str(root), train=split == "train", download=download)
     a = np.asarray(ds.data)
-    if a.dtype != np.uint8 or a.ndim not in (3, 4) or a.ndim == 4 and a.shape[-1] not in (1, 3):
-        raise ValueError(f"torchvision:{name}: expected uint8 images [N, H, W(, C)], got "
-                         f"{a.dtype} {a.shape}")
+    if (
+        a.dtype != np.uint8
+        or a.ndim not in (3, 4)
+        or a.ndim == 4
+        and a.shape[-1] not in (1, 3)
+    ):
+        raise ValueError(
+            f"torchvision:{name}: expected uint8 images [N, H, W(, C)], got "
+            f"{a.dtype} {a.shape}"
+        )
     a = a[:, None] if a.ndim == 3 else a.transpose(0, 3, 1, 2)
     x = torch.from_numpy(a.astype(np.float32) / 127.5 - 1)
     if size is not None and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < x.shape[-1]).clamp(-1, 1)
+        x = F.interpolate(
+            x,
+            size=(size, size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=size < x.shape[-1],
+        ).clamp(-1, 1)
     return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
 
 # %% ../nbs/01_data.ipynb #dfe873b5
@@ -441,17 +511,21 @@ _DATA_OPTIONS = {
 
 
 def _data_options(kind: str, query: str) -> dict:
-    "Parse 'key=value&flag' options of a data spec; bools are 1/0, true/false or a bare flag."
+    "Parse 'key=value&flag' options of a data spec; bools: 1/0, true/false or bare."
     out = {}
     for item in filter(None, query.split("&")):
         key, eq, value = item.partition("=")
         typ = _DATA_OPTIONS[kind].get(key)
         if typ is None:
-            raise ValueError(f"data option {key!r} is not one of {kind}'s "
-                             f"{tuple(_DATA_OPTIONS[kind])}")
+            raise ValueError(
+                f"data option {key!r} is not one of {kind}'s "
+                f"{tuple(_DATA_OPTIONS[kind])}"
+            )
         if typ is bool:
             if value.lower() not in ("", "1", "true", "0", "false") or eq and not value:
-                raise ValueError(f"data option {key} must be 1/0 or true/false, got {value!r}")
+                raise ValueError(
+                    f"data option {key} must be 1/0 or true/false, got {value!r}"
+                )
             out[key] = value.lower() in ("", "1", "true")
         elif typ is int:
             if not value.isdigit():
@@ -463,10 +537,13 @@ def _data_options(kind: str, query: str) -> dict:
 
 
 def load_training_data(
-    data: str,  # "digits", a toy name, an .npy path, or KIND:PATH[?options], KIND in DATA_KINDS
-) -> tuple[torch.Tensor, torch.Tensor | None]:  # x [N, ...] float32, labels [N] long or None
-    """Resolve a data spec to tensors: 'digits' (train split, labelled), a 2-D toy (20 000 points),
-    an .npy file, 'folder:PATH', 'mnist:PATH' or 'torchvision:NAME', e.g. 'folder:imgs?size=32'."""
+    data: str,  # "digits", a toy, an .npy path, or KIND:PATH[?options] (DATA_KINDS)
+) -> tuple[
+    torch.Tensor, torch.Tensor | None
+]:  # x [N, ...] float32, labels [N] long or None
+    """Resolve a data spec to tensors: 'digits' (train split, labelled), a 2-D toy
+    (20 000 points), an .npy file, 'folder:PATH', 'mnist:PATH' or 'torchvision:NAME',
+    e.g. 'folder:imgs?size=32&crop'."""
     if data == "digits":
         return load_digits("train")
     if data in TOY_DATASETS:
@@ -485,9 +562,13 @@ def load_training_data(
             return load_mnist(where, **opts)
         try:
             return load_torchvision(where, **opts)
-        except ImportError as e:  # a data spec this machine cannot serve: one clear line
+        except (
+            ImportError
+        ) as e:  # a data spec this machine cannot serve: one clear line
             raise ValueError(str(e)) from None
     if data.endswith(".npy") or os.path.sep in data or Path(data).exists():
         return load_npy_images(data), None
-    raise ValueError(f"data must be 'digits', one of {TOY_DATASETS}, a path to an .npy file or "
-                     f"KIND:PATH with KIND in {DATA_KINDS}, got {data!r}")
+    raise ValueError(
+        f"data must be 'digits', one of {TOY_DATASETS}, a path to an .npy file or "
+        f"KIND:PATH with KIND in {DATA_KINDS}, got {data!r}"
+    )

@@ -46,8 +46,16 @@ def from_diffusers(
     given, else the float32 betas diffusers computed, widened to float64); diffusers' timestep
     t = 0…T-1 is the code t here."""
     s = _scheduler(scheduler)
-    given = None if s.config.get("rescale_betas_zero_snr") else s.config.get("trained_betas")
-    betas = s.betas.double() if given is None else torch.as_tensor(given, dtype=torch.float64)
+    given = (
+        None
+        if s.config.get("rescale_betas_zero_snr")
+        else s.config.get("trained_betas")
+    )
+    betas = (
+        s.betas.double()
+        if given is None
+        else torch.as_tensor(given, dtype=torch.float64)
+    )
     return cls(betas)
 
 # %% ../nbs/15_diffusers.ipynb #1960c856
@@ -68,8 +76,9 @@ def to_diffusers(
             f"{type(schedule).__name__}"
         )
     check_choice(prediction, PREDICTIONS, "prediction")
-    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[check_choice(
-        scheduler, ("ddpm", "ddim"), "scheduler")]
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[
+        check_choice(scheduler, ("ddpm", "ddim"), "scheduler")
+    ]
     return cls(
         num_train_timesteps=schedule.num_timesteps,
         trained_betas=schedule.betas.cpu().tolist(),
@@ -81,9 +90,13 @@ def to_diffusers(
 
 def diffusers_sample_kwargs(
     scheduler,  # a diffusers scheduler or its config dict
-) -> dict:  # prediction, clip_denoised and (if one of SPACINGS) spacing, for sampling.sample
+) -> (
+    dict
+):  # prediction, clip_denoised and (if one of SPACINGS) spacing, for sampling.sample
     "The keyword arguments of `sample` that match a diffusers scheduler's config."
-    cfg = dict(scheduler if isinstance(scheduler, dict) else _scheduler(scheduler).config)
+    cfg = dict(
+        scheduler if isinstance(scheduler, dict) else _scheduler(scheduler).config
+    )
     kind = cfg.get("prediction_type", "epsilon")
     if kind not in PREDICTION_FROM_DIFFUSERS:
         raise ValueError(
@@ -91,8 +104,10 @@ def diffusers_sample_kwargs(
         )
     if cfg.get("clip_sample", False) and cfg.get("clip_sample_range", 1.0) != 1.0:
         raise ValueError("clip_sample_range other than 1 has no counterpart here")
-    out = {"prediction": PREDICTION_FROM_DIFFUSERS[kind],
-           "clip_denoised": bool(cfg.get("clip_sample", False))}
+    out = {
+        "prediction": PREDICTION_FROM_DIFFUSERS[kind],
+        "clip_denoised": bool(cfg.get("clip_sample", False)),
+    }
     if cfg.get("timestep_spacing") in SPACINGS and not cfg.get("steps_offset", 0):
         out["spacing"] = cfg["timestep_spacing"]
     return out
@@ -105,25 +120,31 @@ class DiffusersUNet(nn.Module):
     def __init__(
         self,
         unet: nn.Module,  # a diffusers UNet2DModel (class-conditional: num_class_embeds = K + 1)
-        num_classes: int | None = None,  # K real labels; None: num_class_embeds - 1 (null = K)
+        num_classes: int
+        | None = None,  # K real labels; None: num_class_embeds - 1 (null = K)
     ):
         super().__init__()
         if not hasattr(unet, "config") or not isinstance(unet, nn.Module):
-            raise ValueError(f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}")
+            raise ValueError(
+                f"unet must be a diffusers UNet2DModel, got {type(unet).__name__}"
+            )
         self.unet = unet
         embeds = unet.config.get("num_class_embeds")
         if num_classes is None and embeds:
             num_classes = embeds - 1
         if num_classes is not None and not (embeds and 1 <= num_classes <= embeds):
-            raise ValueError(f"num_classes must be in [1, {embeds}] for this UNet (its "
-                             f"num_class_embeds), got {num_classes}")
+            raise ValueError(
+                f"num_classes must be in [1, {embeds}] for this UNet (its "
+                f"num_class_embeds), got {num_classes}"
+            )
         self.num_classes = num_classes
 
     def forward(
         self,
         x: torch.Tensor,  # [B, C, H, W] x_t
         t: torch.Tensor,  # [B] code timesteps = diffusers' timesteps
-        y: torch.Tensor | None = None,  # [B] labels in [0, K] (K: null); None: null class
+        y: torch.Tensor
+        | None = None,  # [B] labels in [0, K] (K: null); None: null class
     ) -> torch.Tensor:  # [B, out_channels, H, W]
         if y is not None and self.num_classes is None:
             raise ValueError("y (class labels) given to an unconditional UNet")
@@ -132,5 +153,7 @@ class DiffusersUNet(nn.Module):
                 raise ValueError(
                     f"this UNet has no null class: y is required (0…{self.num_classes - 1})"
                 )
-            y = torch.full((len(x),), self.num_classes, dtype=torch.long, device=x.device)
+            y = torch.full(
+                (len(x),), self.num_classes, dtype=torch.long, device=x.device
+            )
         return self.unet(x, t, class_labels=y, return_dict=False)[0]
