@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastcore.basics import patch
-
 from .core import check_choice
 from .parameterization import PREDICTIONS
 from .sampling import SPACINGS, SpacedSchedule
@@ -37,9 +35,8 @@ def _scheduler(scheduler):
     return scheduler
 
 
-@patch(cls_method=True)
-def from_diffusers(
-    cls: NoiseSchedule,
+def _from_diffusers(
+    cls,
     scheduler,  # a diffusers scheduler (DDPM, DDIM, DPM-Solver, ...) or its config dict
 ) -> NoiseSchedule:
     """The NoiseSchedule of a diffusers scheduler: its betas exactly (config.trained_betas as
@@ -57,6 +54,9 @@ def from_diffusers(
         else torch.as_tensor(given, dtype=torch.float64)
     )
     return cls(betas)
+
+
+NoiseSchedule.from_diffusers = classmethod(_from_diffusers)
 
 # %% ../nbs/15_diffusers.ipynb #1960c856
 def to_diffusers(
