@@ -90,13 +90,14 @@ def test_gmm25_has_25_equal_modes():
 
 
 # ---- a user's own data: image folders, MNIST IDX files, torchvision, data specs ----------------
-import gzip
-import struct
-import types
+# (imports here, not at the top, so this block merges as one addition)
+import gzip  # noqa: E402
+import struct  # noqa: E402
+import types  # noqa: E402
 
-from PIL import Image
+from PIL import Image  # noqa: E402
 
-from simple_diffusion.data import (load_image_folder, load_mnist, load_torchvision,
+from simple_diffusion.data import (load_image_folder, load_mnist, load_torchvision,  # noqa: E402
                                    load_training_data, read_idx)
 
 

@@ -61,18 +61,26 @@ def test_pip_install_from_a_git_url(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    code = ("import json, simple_diffusion, simple_diffusion.pretrained as p; "
+    code = ("import json, importlib.metadata as md, simple_diffusion, simple_diffusion.pretrained as p; "
             "print(json.dumps([simple_diffusion.__file__, simple_diffusion.__version__, "
-            "sorted(f.name for f in p.weights_dir().iterdir()), p.available()]))")
+            "sorted(f.name for f in p.weights_dir().iterdir()), p.available(), "
+            "md.metadata('simple_diffusion').get_all('Provides-Extra'), "
+            "md.requires('simple_diffusion')]))")
     r = subprocess.run([str(py), "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    path, version, files, available = json.loads(r.stdout.strip().splitlines()[-1])
+    path, version, files, available, extras, requires = json.loads(r.stdout.strip().splitlines()[-1])
     assert Path(path).resolve().is_relative_to(Path(own).resolve()), path      # the installed copy
     shipped = sorted(f.name for f in (ROOT / "simple_diffusion" / "weights").iterdir()
                      if f.suffix in (".json", ".safetensors"))
     assert shipped and set(shipped) <= set(files), (shipped, files)            # package data shipped
     assert "digits" in available
+    # the optional extra `pip install "simple_diffusion[diffusers]"` is declared from settings.ini
+    cfg = configparser.ConfigParser(delimiters=["="])
+    cfg.read(ROOT / "settings.ini", encoding="utf-8")
+    assert "diffusers" in extras
+    for req in cfg["DEFAULT"]["diffusers_requirements"].split():
+        assert any(r.startswith(req) and 'extra == "diffusers"' in r for r in requires), (req, requires)
     # the installed weights load and give a working model
     r = subprocess.run([str(py), "-c", "import torch, simple_diffusion.pretrained as p; "
                         "m, s, c = p.load('digits', device='cpu'); "
