@@ -19,12 +19,21 @@ PREDICTION_TO_DIFFUSERS = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"
 PREDICTION_FROM_DIFFUSERS = {v: k for k, v in PREDICTION_TO_DIFFUSERS.items()}
 
 
+def _diffusers():
+    "The diffusers module, or an ImportError that says how to install it."
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError(
+            f"this needs diffusers: pip install 'simple_diffusion[diffusers]' ({e})"
+        ) from None
+    return diffusers
+
+
 def _scheduler(scheduler):
     "A diffusers scheduler, or one built (DDPMScheduler) from a scheduler's config dict."
     if isinstance(scheduler, dict):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(scheduler)
+        return _diffusers().DDPMScheduler.from_config(scheduler)
     if not hasattr(scheduler, "config") or not isinstance(
         getattr(scheduler, "betas", None), torch.Tensor
     ):
@@ -68,15 +77,14 @@ def to_diffusers(
 ):
     """A diffusers DDPMScheduler/DDIMScheduler on exactly these betas (trained_betas holds them
     in float64; diffusers computes with their float32 rounding)."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-
+    diffusers = _diffusers()
     if not isinstance(schedule, NoiseSchedule) or isinstance(schedule, SpacedSchedule):
         raise ValueError(
             "schedule must be a model's NoiseSchedule (a SpacedSchedule's is .parent), got "
             f"{type(schedule).__name__}"
         )
     check_choice(prediction, PREDICTIONS, "prediction")
-    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[
+    cls = {"ddpm": diffusers.DDPMScheduler, "ddim": diffusers.DDIMScheduler}[
         check_choice(scheduler, ("ddpm", "ddim"), "scheduler")
     ]
     return cls(

@@ -5,7 +5,11 @@ import warnings
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
+try:  # pytest.importorskip, also for an installed diffusers that fails to import (ImportError)
+    import diffusers  # noqa: F401
+except ImportError as e:
+    pytest.skip(f"needs diffusers: pip install 'simple_diffusion[diffusers]' ({e})",
+                allow_module_level=True)
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
 
 from simple_diffusion.interop import (PREDICTION_TO_DIFFUSERS, DiffusersUNet,  # noqa: E402
@@ -205,3 +209,19 @@ def test_learned_variance_unet_passes_through():
     x = sample(model, s, (2, 1, 8, 8), "ddpm", steps=5, spacing="leading", variance="learned_range",
                clip_denoised=True, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_without_diffusers_the_message_says_how_to_install(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_diffusers(name, *a, **k):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    with pytest.raises(ImportError, match=r"simple_diffusion\[diffusers\]"):
+        to_diffusers(NoiseSchedule.from_name("cosine", 10))
+    with pytest.raises(ImportError, match=r"simple_diffusion\[diffusers\]"):
+        NoiseSchedule.from_diffusers({"num_train_timesteps": 10})
