@@ -19,6 +19,13 @@ from tqdm import tqdm
 
 from .core import check_number, check_tensor, pick_device
 from .data import load_digits
+from simple_diffusion.pretrained import (
+    check_finite_weights,
+    read_safetensors,
+    sha256_file,
+    verify_sha256,
+)
+from .training import CheckpointError, load_weights
 
 # %% auto #0
 __all__ = ['DigitsClassifier', 'train_digits_classifier', 'save_digits_classifier', 'load_digits_classifier', 'extract_features',
@@ -175,7 +182,7 @@ def save_digits_classifier(
     info: dict,  # facts about the run, e.g. from train_digits_classifier; needs "config"
     path=None,  # .safetensors file; default: the package's shipped weights
 ) -> Path:
-    "Write the weights (safetensors) and `info` (a JSON file with the same stem)."
+    "Write the weights (safetensors) and `info` with their SHA-256 (a JSON card, same stem)."
     from safetensors.torch import save_file
 
     path = _classifier_path(path)
@@ -187,6 +194,7 @@ def save_digits_classifier(
     path.chmod(
         0o644
     )  # safetensors writes 0600; installed package data must be world-readable
+    info = {**info, "sha256": sha256_file(path)}
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path
 
@@ -195,19 +203,29 @@ def load_digits_classifier(
     path=None,  # .safetensors file; default: the package's shipped weights
     device: str = "cpu",
 ) -> DigitsClassifier:  # in eval mode, requires_grad off
-    "Load the digits classifier in eval mode with frozen parameters (the feature network of every "
-    "metric here)."
-    from safetensors.torch import load_file
-
+    """Load the digits classifier in eval mode with frozen parameters (the feature network of every
+    metric here). Checks, each a CheckpointError naming the file: the SHA-256 its card records (if
+    any), a truncated or corrupt card or weights file, weights that do not fit, NaN or Inf."""
     path = _classifier_path(path)
-    if not path.exists() or not path.with_suffix(".json").exists():
+    card_file = path.with_suffix(".json")
+    if not path.exists() or not card_file.exists():
         raise FileNotFoundError(
             f"{path} (and its .json) not found; rebuild it with `python "
             "scripts/train_digits_classifier.py`"
         )
-    info = json.loads(path.with_suffix(".json").read_text())
-    net = DigitsClassifier(**info["config"])
-    net.load_state_dict(load_file(str(path)))
+    try:
+        info = json.loads(card_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{card_file}: not a readable JSON card ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"{card_file}: config must be a JSON object")
+    if "sha256" in info:
+        verify_sha256(path, info["sha256"], card_file)
+    try:
+        net = DigitsClassifier(**info["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{card_file}: not a valid classifier config ({e})") from None
+    load_weights(net, check_finite_weights(read_safetensors(path)[0], path), path)
     net.info = info
     return net.to(pick_device(device)).eval().requires_grad_(False)
 
