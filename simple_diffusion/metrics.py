@@ -226,7 +226,7 @@ def load_digits_classifier(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{card_file}: not a valid classifier config ({e})") from None
     load_weights(net, check_finite_weights(read_safetensors(path)[0], path), path)
-    net.info = info
+    net.info = {k: v for k, v in info.items() if k != "sha256"}  # facts about the run
     return net.to(pick_device(device)).eval().requires_grad_(False)
 
 # %% ../nbs/20_metrics.ipynb #2a916684
@@ -410,9 +410,9 @@ def mmd2_rbf(
     bandwidth: float = 0.05,  # h of the Gaussian kernel, > 0
 ) -> float:
     """Squared MMD with a Gaussian kernel, the biased V-statistic (>= 0), Eq. (eq-sampling-mmd)
-    (Gretton et al. 2012, Eq. 5)."""
-    check_tensor(x, "x", floating=False)
-    check_tensor(y, "y", floating=False)
+    (Gretton et al. 2012, Eq. 5). Checks that x and y are non-empty and finite."""
+    check_tensor(x, "x", floating=False, finite=True)
+    check_tensor(y, "y", floating=False, finite=True)
     if len(x) < 1 or len(y) < 1 or x[0].numel() != y[0].numel():
         raise ValueError(
             f"x and y must be non-empty tensors [N, ...] and [M, ...] with the same size per "
@@ -514,7 +514,7 @@ def density_coverage(
 
 # %% ../nbs/20_metrics.ipynb #849dbfcc
 def evaluate_samples(
-    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (clamped)
+    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (overshoot to ±4 clamped)
     reference: torch.Tensor,  # [N, 1, 8, 8] real images, e.g. load_digits("train")[0]
     *,
     classifier: nn.Module | None = None,  # eval-mode feature network; default: the shipped one
@@ -527,12 +527,23 @@ def evaluate_samples(
     batch_size: int = 256,
 ) -> dict:
     """FID, KID, Inception Score, precision/recall and density/coverage of `samples` against
-    `reference`."""
+    `reference`. Checks that both are non-empty, finite and on the [-1, 1] scale: reference within
+    it, samples within ±4 (a sampler's overshoot, clamped to [-1, 1]); 0..255 or 0..16 pixels are
+    refused rather than clamped into a meaningless FID."""
     net = load_digits_classifier() if classifier is None else classifier
-    fs, ps = extract_features(
-        _check_images(samples, "samples").clamp(-1, 1), net, batch_size
-    )
-    fr, _ = extract_features(_check_images(reference, "reference"), net, batch_size)
+    samples = _check_images(samples, "samples")
+    reference = _check_images(reference, "reference")
+    for x, name, bound in ((samples, "samples", 4.0), (reference, "reference", 1 + 1e-6)):
+        lo, hi = torch.aminmax(x.detach())
+        if float(lo) < -bound or float(hi) > bound:
+            raise ValueError(
+                f"{name} must be images in [-1, 1]"
+                + (" (overshoot up to ±4 is clamped)" if name == "samples" else "")
+                + f", got values in [{float(lo):.4g}, {float(hi):.4g}]; rescale 8-bit "
+                "pixels with x / 127.5 - 1"
+            )
+    fs, ps = extract_features(samples.clamp(-1, 1), net, batch_size)
+    fr, _ = extract_features(reference, net, batch_size)
     precision, recall = precision_recall(fr, fs, k=k)
     density, coverage = density_coverage(fr, fs, k=k_density)
     return dict(

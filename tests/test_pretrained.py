@@ -223,7 +223,8 @@ def test_digits_classifier_integrity(tmp_path):
     for suffix in (".json", ".safetensors"):
         shutil.copy(weights_dir() / f"digits_classifier{suffix}", tmp_path)
     w = tmp_path / "digits_classifier.safetensors"
-    assert load_digits_classifier(w).info["sha256"] == sha256_file(w)
+    assert json.loads(w.with_suffix(".json").read_text())["sha256"] == sha256_file(w)
+    assert load_digits_classifier(w).info["test_accuracy"] == 1.0
     good = w.read_bytes()
     w.write_bytes(good[:-8])
     with pytest.raises(CheckpointError, match="SHA-256"):
