@@ -82,6 +82,8 @@ def discretized_gaussian_log_likelihood(
             f"means must be a tensor with the shape of x {tuple(x.shape)}, got "
             f"{tuple(getattr(means, 'shape', ())) or type(means).__name__}"
         )
+    if means.device != x.device:
+        raise ValueError(f"means must be on x's device {x.device}, got {means.device}")
     log_scales = torch.as_tensor(log_scales, device=x.device)
     try:
         ok = torch.broadcast_shapes(log_scales.shape, x.shape) == x.shape
