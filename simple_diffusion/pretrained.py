@@ -205,9 +205,9 @@ def load(
 ]:  # network in eval mode (no grad), its schedule, its config
     """A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from
     its safetensors. Checks, each a one-line `CheckpointError` naming the file: the weights' SHA-256
-    against the card (before reading them), the card's fields (types, ranges, a size bound) against
-    the fields recorded in the weights' header and the tensors' names and shapes (before allocating),
-    a truncated or corrupt file, and non-finite weights."""
+    against the card (before reading them), the card's fields (types, ranges, a size bound)
+    against the fields recorded in the weights' header and the tensors' names and shapes (before
+    allocating), a truncated or corrupt file, and non-finite weights."""
     info = card(name, directory)
     file = _card_path(name, directory)
     path = file.with_suffix(".safetensors")
