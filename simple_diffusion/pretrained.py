@@ -169,7 +169,9 @@ def _check_against_weights(info: dict, cfg, shape, k, file: Path, path: Path) ->
         try:
             recorded = json.loads(meta["card"])
         except ValueError:
-            raise CheckpointError(f"{path}: its 'card' metadata is not JSON") from None
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{path}: its 'card' metadata is not a JSON object")
         for key in CARD_FIELDS:
             a, b = info.get(key), recorded.get(key)
             if a != b:
