@@ -514,7 +514,7 @@ def density_coverage(
 
 # %% ../nbs/20_metrics.ipynb #849dbfcc
 def evaluate_samples(
-    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (overshoot to ±4 clamped)
+    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (overshoot clamped)
     reference: torch.Tensor,  # [N, 1, 8, 8] real images, e.g. load_digits("train")[0]
     *,
     classifier: nn.Module | None = None,  # eval-mode feature network; default: the shipped one
@@ -528,20 +528,22 @@ def evaluate_samples(
 ) -> dict:
     """FID, KID, Inception Score, precision/recall and density/coverage of `samples` against
     `reference`. Checks that both are non-empty, finite and on the [-1, 1] scale: reference within
-    it, samples within ±4 (a sampler's overshoot, clamped to [-1, 1]); 0..255 or 0..16 pixels are
-    refused rather than clamped into a meaningless FID."""
+    it; samples may overshoot (an unclipped sampler's output, clamped to [-1, 1]), but samples that
+    are all >= 0 with values above 1 — 0..255 or 0..16 pixels — are refused, not clamped."""
     net = load_digits_classifier() if classifier is None else classifier
     samples = _check_images(samples, "samples")
     reference = _check_images(reference, "reference")
-    for x, name, bound in ((samples, "samples", 4.0), (reference, "reference", 1 + 1e-6)):
-        lo, hi = torch.aminmax(x.detach())
-        if float(lo) < -bound or float(hi) > bound:
-            raise ValueError(
-                f"{name} must be images in [-1, 1]"
-                + (" (overshoot up to ±4 is clamped)" if name == "samples" else "")
-                + f", got values in [{float(lo):.4g}, {float(hi):.4g}]; rescale 8-bit "
-                "pixels with x / 127.5 - 1"
-            )
+    lo, hi = (float(v) for v in torch.aminmax(samples.detach()))
+    if lo >= 0 and hi > 1:
+        raise ValueError(
+            f"samples must be images on the [-1, 1] scale, got values in [{lo:.4g}, {hi:.4g}] "
+            "(pixel values?): rescale 8-bit pixels with x / 127.5 - 1"
+        )
+    lo, hi = (float(v) for v in torch.aminmax(reference.detach()))
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise ValueError(
+            f"reference must be real images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
+        )
     fs, ps = extract_features(samples.clamp(-1, 1), net, batch_size)
     fr, _ = extract_features(reference, net, batch_size)
     precision, recall = precision_recall(fr, fs, k=k)

@@ -252,8 +252,8 @@ CASES = [
     (lambda: make_grid(Z, nrow=0), ValueError, "nrow must be an integer in [1, inf)"),
     (lambda: make_grid(Z, padding=-1), ValueError, "padding must be an integer"),
     (lambda: make_grid(Z, pad_value=NAN), ValueError, "pad_value must be a finite number"),
-    (lambda: evaluate_samples((Z + 1) * 127.5, Z), ValueError, "samples must be images in [-1, 1]"),
-    (lambda: evaluate_samples(Z, (Z + 1) * 127.5), ValueError, "reference must be images in [-1, 1]"),
+    (lambda: evaluate_samples((Z + 1) * 127.5, Z), ValueError, "samples must be images on the [-1, 1] scale"),
+    (lambda: evaluate_samples(Z, (Z + 1) * 127.5), ValueError, "reference must be real images in [-1, 1]"),
     (lambda: discretized_gaussian_log_likelihood(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), 0.0), ValueError, "means must be on x's device"),
 ]
 
