@@ -163,7 +163,7 @@ def _check_card(info, file: Path) -> tuple[TrainConfig, tuple, int | None]:
 
 
 def _check_against_weights(info: dict, cfg, shape, k, file: Path, path: Path) -> None:
-    "The card's fields against the weights' header: recorded fields, then tensor names and shapes."
+    "The card's fields against the weights' header: its recorded fields, else tensor names/shapes."
     shapes, meta = read_safetensors(path, header_only=True)
     if "card" in meta:
         try:
@@ -181,7 +181,8 @@ def _check_against_weights(info: dict, cfg, shape, k, file: Path, path: Path) ->
                 raise CheckpointError(
                     f"{file}: {key}{where} differs from what {path.name} was trained with"
                 )
-    try:
+        return  # these fields built these very tensors: the network is as small as the file
+    try:  # an older file with no recorded fields: build on the meta device (slower) to compare
         with torch.device("meta"):  # shapes only, no memory: a huge card allocates nothing
             want = {n: tuple(v.shape) for n, v in cfg.make_model(shape, k).state_dict().items()}
     except (TypeError, ValueError) as e:
