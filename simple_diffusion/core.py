@@ -189,17 +189,18 @@ def make_grid(
     padding: int = 1,  # pixels between images, drawn at the value pad_value
     pad_value: float = 1.0,  # in [-1, 1]; white by default
 ) -> np.ndarray:  # [rows*(H+p)+p, nrow*(W+p)+p, C] in [0, 1]
-    "Tile a batch of images into a single array in [0, 1], channels last."
-    if images.ndim != 4:
+    """Tile a batch of images into a single array in [0, 1], channels last. Checks that images is a
+    non-empty, finite [B, C, H, W] tensor (values beyond [-1, 1] are clamped for display)."""
+    check_tensor(images, "images", min_ndim=0, floating=False)
+    if images.ndim != 4 or len(images) == 0:
         raise ValueError(
-            f"images must be [B, C, H, W], got shape {tuple(images.shape)}"
+            f"images must be [B, C, H, W] with B >= 1, got shape {tuple(images.shape)}"
         )
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0, got {padding}")
+    check_tensor(images, "images", floating=False, finite=True)
+    padding = check_int(padding, "padding", 0)
+    pad_value = check_number(pad_value, "pad_value", -1, 1)
     B, C, H, W = images.shape
-    nrow = nrow or math.ceil(math.sqrt(B))
-    if nrow < 1:
-        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    nrow = math.ceil(math.sqrt(B)) if nrow is None else check_int(nrow, "nrow", 1)
     rows = math.ceil(B / nrow)
     x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
     grid = np.full(

@@ -69,7 +69,8 @@ def load_digits(
 # %% ../nbs/01_data.ipynb #479ecb25
 class GaussianMixture:
     """A mixture of diagonal Gaussians in D dimensions, held in float64: sampling and the exact log-
-    density."""
+    density. Checks that means, stds and weights are finite (and K >= 1, stds > 0, weights summing
+    to 1)."""
 
     def __init__(
         self,
@@ -78,10 +79,12 @@ class GaussianMixture:
         weights=None,  # [K] mixture weights, >= 0, summing to 1; default uniform
     ):
         self.means = torch.as_tensor(means, dtype=torch.float64)
-        if self.means.ndim != 2:
+        if self.means.ndim != 2 or 0 in self.means.shape:
             raise ValueError(
-                f"means must be [K, D], got shape {tuple(self.means.shape)}"
+                f"means must be [K, D] with K, D >= 1, got shape {tuple(self.means.shape)}"
             )
+        if not torch.isfinite(self.means).all():
+            raise ValueError("means must be finite, found NaN or Inf")
         K, D = self.means.shape
         stds = torch.as_tensor(stds, dtype=torch.float64)
         if stds.shape == (K,):
@@ -98,7 +101,8 @@ class GaussianMixture:
             if weights is None
             else torch.as_tensor(weights, dtype=torch.float64)
         )
-        if w.shape != (K,) or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-9:
+        ok = w.shape == (K,) and bool(torch.isfinite(w).all())  # NaN passes the tests below
+        if not ok or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-9:
             raise ValueError(
                 f"weights must be [K]={K} non-negative numbers summing to 1"
             )

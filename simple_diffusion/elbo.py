@@ -73,18 +73,17 @@ def discretized_gaussian_log_likelihood(
     means: torch.Tensor,  # [B, ...] Gaussian means, shape of x
     log_scales: torch.Tensor,  # log standard deviations, finite, broadcastable to x
 ) -> torch.Tensor:  # [B, ...] log-probability of x's bin, nats
-    "log of the Gaussian's mass on the 2/255-wide bin of x, end bins open, Eq. (eq-elbo-decoder)."
+    """log of the Gaussian's mass on the 2/255-wide bin of x, end bins open, Eq. (eq-elbo-decoder);
+    Ho et al. 2020, Eq. 13. Checks that x is finite and in [-1, 1] and that means and log_scales
+    are finite (one host sync for all four)."""
     x = check_tensor(x, "x")
     if not isinstance(means, torch.Tensor) or means.shape != x.shape:
         raise ValueError(
             f"means must be a tensor with the shape of x {tuple(x.shape)}, got "
             f"{tuple(getattr(means, 'shape', ())) or type(means).__name__}"
         )
-    if x.numel() and (float(x.min()) < -1 or float(x.max()) > 1):
-        raise ValueError(
-            "x must lie in [-1, 1] (8-bit data scaled by 2/255 and shifted), got values in "
-            f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
-        )
+    if means.device != x.device:
+        raise ValueError(f"means must be on x's device {x.device}, got {means.device}")
     log_scales = torch.as_tensor(log_scales, device=x.device)
     try:
         ok = torch.broadcast_shapes(log_scales.shape, x.shape) == x.shape
@@ -95,8 +94,19 @@ def discretized_gaussian_log_likelihood(
             f"log_scales of shape {tuple(log_scales.shape)} must broadcast to the shape of x "
             f"{tuple(x.shape)}"
         )
-    if not torch.isfinite(log_scales).all():
+    facts = [torch.isfinite(means).all(), torch.isfinite(log_scales).all()]
+    if x.numel():
+        facts += [x.amin(), x.amax()]
+    facts = torch.stack([f.to(x.device, torch.float64) for f in facts]).tolist()  # one sync
+    if not facts[0]:
+        raise ValueError("means must be finite (found NaN or inf)")
+    if not facts[1]:
         raise ValueError("log_scales must be finite (found NaN or inf)")
+    if x.numel() and not -1 <= facts[2] <= facts[3] <= 1:  # NaN fails the comparison too
+        raise ValueError(
+            "x must lie in [-1, 1] and be finite (8-bit data scaled by 2/255 and shifted), got "
+            f"values in [{facts[2]:.3g}, {facts[3]:.3g}]"
+        )
     work = torch.float64 if x.device.type != "mps" else torch.float32
     inv = torch.exp(-log_scales.to(work))
     centred = x.to(work) - means.to(work)
@@ -195,8 +205,16 @@ def elbo_bpd(
     generator: torch.Generator | None = None,  # for the noise draws
 ) -> ELBO:
     """The full bound L_T + Σ_t L_{t-1} + L_0 on -log p(x_0), one x_t draw per step, in bits/dim,
-    Eq. (eq-elbo-decomp)."""
-    x0 = check_tensor(x0, "x0")
+    Eq. (eq-elbo-decomp); Ho et al. 2020, Eq. 5. An evaluation entry point: checks that x0 is a
+    non-empty batch of finite values and that generator is on x0's device type."""
+    x0 = check_tensor(x0, "x0", finite=True)
+    if len(x0) == 0:
+        raise ValueError(f"x0 must hold at least one example, got shape {tuple(x0.shape)}")
+    if generator is not None and generator.device.type != x0.device.type:
+        raise ValueError(
+            f"generator is on {generator.device}, x0 on {x0.device}: make the generator on "
+            "x0's device"
+        )
     check_choice(prediction, PREDICTIONS, "prediction")
     check_choice(variance, VARIANCES, "variance")
     check_choice(decoder, DECODERS, "decoder")
@@ -298,8 +316,10 @@ def simple_loss(
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,  # for t and noise
 ) -> torch.Tensor:  # [B] per-example loss
-    "L_simple: per-example MSE on the ε, x_0 or v target, optionally min-SNR-γ weighted, Eqs. "
-    "(eq-elbo-simple), (eq-elbo-minsnr)."
+    """L_simple: per-example MSE on the ε, x_0 or v target, optionally min-SNR-γ weighted, Eqs.
+    (eq-elbo-simple), (eq-elbo-minsnr); Ho et al. 2020, Eq. 14. Does not check finiteness (it is
+    the training hot path, kept free of host syncs; the training loop's NaN guard catches a
+    non-finite loss)."""
     x0 = _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs)
     t, noise = _draw_t_noise(schedule, x0, t, noise, generator)
     out = model(q_sample(schedule, x0, t, noise), t, **(model_kwargs or {}))
@@ -329,8 +349,9 @@ def hybrid_loss(
     model_kwargs: dict | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:  # [B] per-example loss
-    "L_hybrid = L_simple + λ T L_t with a stop-gradient on the mean in L_t, for learned_range "
-    "models, Eq. (eq-elbo-hybrid)."
+    """L_hybrid = L_simple + λ T L_t with a stop-gradient on the mean in L_t, for learned_range
+    models, Eq. (eq-elbo-hybrid). Does not check finiteness itself (training hot path; the
+    training loop's NaN guard); its decoder term checks x0's range as the decoder does."""
     x0 = _check_loss_args(x0, prediction, weighting, min_snr_gamma, model_kwargs)
     check_choice(decoder, DECODERS, "decoder")
     if x0.ndim < 2:

@@ -20,8 +20,9 @@ def q_sample(
     *,
     generator: torch.Generator | None = None,  # source of the noise when it is drawn
 ) -> torch.Tensor:  # [B, ...] x_t, dtype and device of x0
-    "x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot: Ho et al. 2020, Eq. 4; "
-    "(eq-forward-marginal)."
+    """x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1-ᾱ_t) I) in one shot: Ho et al. 2020, Eq. 4;
+    (eq-forward-marginal). Checks shapes and dtypes but not finiteness: it runs in every training
+    step, kept free of host syncs (the training loop's NaN guard catches a non-finite loss)."""
     x0 = check_tensor(x0, "x0")
     noise = noise_like(noise, x0, generator)
     a = schedule.gather("sqrt_alphas_cumprod", t, x0)

@@ -19,6 +19,13 @@ from tqdm import tqdm
 
 from .core import check_number, check_tensor, pick_device
 from .data import load_digits
+from simple_diffusion.pretrained import (
+    check_finite_weights,
+    read_safetensors,
+    sha256_file,
+    verify_sha256,
+)
+from .training import CheckpointError, load_weights
 
 # %% auto #0
 __all__ = ['DigitsClassifier', 'train_digits_classifier', 'save_digits_classifier', 'load_digits_classifier', 'extract_features',
@@ -175,7 +182,7 @@ def save_digits_classifier(
     info: dict,  # facts about the run, e.g. from train_digits_classifier; needs "config"
     path=None,  # .safetensors file; default: the package's shipped weights
 ) -> Path:
-    "Write the weights (safetensors) and `info` (a JSON file with the same stem)."
+    "Write the weights (safetensors) and `info` with their SHA-256 (a JSON card, same stem)."
     from safetensors.torch import save_file
 
     path = _classifier_path(path)
@@ -187,6 +194,7 @@ def save_digits_classifier(
     path.chmod(
         0o644
     )  # safetensors writes 0600; installed package data must be world-readable
+    info = {**info, "sha256": sha256_file(path)}
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path
 
@@ -195,20 +203,30 @@ def load_digits_classifier(
     path=None,  # .safetensors file; default: the package's shipped weights
     device: str = "cpu",
 ) -> DigitsClassifier:  # in eval mode, requires_grad off
-    "Load the digits classifier in eval mode with frozen parameters (the feature network of every "
-    "metric here)."
-    from safetensors.torch import load_file
-
+    """Load the digits classifier in eval mode with frozen parameters (the feature network of every
+    metric here). Checks, each a CheckpointError naming the file: the SHA-256 its card records (if
+    any), a truncated or corrupt card or weights file, weights that do not fit, NaN or Inf."""
     path = _classifier_path(path)
-    if not path.exists() or not path.with_suffix(".json").exists():
+    card_file = path.with_suffix(".json")
+    if not path.exists() or not card_file.exists():
         raise FileNotFoundError(
             f"{path} (and its .json) not found; rebuild it with `python "
             "scripts/train_digits_classifier.py`"
         )
-    info = json.loads(path.with_suffix(".json").read_text())
-    net = DigitsClassifier(**info["config"])
-    net.load_state_dict(load_file(str(path)))
-    net.info = info
+    try:
+        info = json.loads(card_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{card_file}: not a readable JSON card ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"{card_file}: config must be a JSON object")
+    if "sha256" in info:
+        verify_sha256(path, info["sha256"], card_file)
+    try:
+        net = DigitsClassifier(**info["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{card_file}: not a valid classifier config ({e})") from None
+    load_weights(net, check_finite_weights(read_safetensors(path)[0], path), path)
+    net.info = {k: v for k, v in info.items() if k != "sha256"}  # facts about the run
     return net.to(pick_device(device)).eval().requires_grad_(False)
 
 # %% ../nbs/20_metrics.ipynb #2a916684
@@ -392,9 +410,9 @@ def mmd2_rbf(
     bandwidth: float = 0.05,  # h of the Gaussian kernel, > 0
 ) -> float:
     """Squared MMD with a Gaussian kernel, the biased V-statistic (>= 0), Eq. (eq-sampling-mmd)
-    (Gretton et al. 2012, Eq. 5)."""
-    check_tensor(x, "x", floating=False)
-    check_tensor(y, "y", floating=False)
+    (Gretton et al. 2012, Eq. 5). Checks that x and y are non-empty and finite."""
+    check_tensor(x, "x", floating=False, finite=True)
+    check_tensor(y, "y", floating=False, finite=True)
     if len(x) < 1 or len(y) < 1 or x[0].numel() != y[0].numel():
         raise ValueError(
             f"x and y must be non-empty tensors [N, ...] and [M, ...] with the same size per "
@@ -496,7 +514,7 @@ def density_coverage(
 
 # %% ../nbs/20_metrics.ipynb #849dbfcc
 def evaluate_samples(
-    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (clamped)
+    samples: torch.Tensor,  # [M, 1, 8, 8] generated images in [-1, 1] (overshoot clamped)
     reference: torch.Tensor,  # [N, 1, 8, 8] real images, e.g. load_digits("train")[0]
     *,
     classifier: nn.Module | None = None,  # eval-mode feature network; default: the shipped one
@@ -509,12 +527,25 @@ def evaluate_samples(
     batch_size: int = 256,
 ) -> dict:
     """FID, KID, Inception Score, precision/recall and density/coverage of `samples` against
-    `reference`."""
+    `reference`. Checks that both are non-empty, finite and on the [-1, 1] scale: reference within
+    it; samples may overshoot (an unclipped sampler's output, clamped to [-1, 1]), but samples that
+    are all >= 0 with values above 1 — 0..255 or 0..16 pixels — are refused, not clamped."""
     net = load_digits_classifier() if classifier is None else classifier
-    fs, ps = extract_features(
-        _check_images(samples, "samples").clamp(-1, 1), net, batch_size
-    )
-    fr, _ = extract_features(_check_images(reference, "reference"), net, batch_size)
+    samples = _check_images(samples, "samples")
+    reference = _check_images(reference, "reference")
+    lo, hi = (float(v) for v in torch.aminmax(samples.detach()))
+    if lo >= 0 and hi > 1:
+        raise ValueError(
+            f"samples must be images on the [-1, 1] scale, got values in [{lo:.4g}, {hi:.4g}] "
+            "(pixel values?): rescale 8-bit pixels with x / 127.5 - 1"
+        )
+    lo, hi = (float(v) for v in torch.aminmax(reference.detach()))
+    if lo < -1 - 1e-6 or hi > 1 + 1e-6:
+        raise ValueError(
+            f"reference must be real images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]"
+        )
+    fs, ps = extract_features(samples.clamp(-1, 1), net, batch_size)
+    fr, _ = extract_features(reference, net, batch_size)
     precision, recall = precision_recall(fr, fs, k=k)
     density, coverage = density_coverage(fr, fs, k=k_density)
     return dict(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import check_int, patch
+from .core import check_int, check_number, patch
 
 # %% auto #0
 __all__ = ['UNET_CONFIGS', 'timestep_embedding', 'MLPDenoiser', 'ResBlock', 'AttentionBlock', 'UNet', 'make_unet',
@@ -45,10 +45,11 @@ def timestep_embedding(
     dim: int,  # embedding width d >= 2; an odd d gets a zero last column
     max_period: float = 10000,  # P: the slowest frequency is P^(-(h-1)/h) ≈ 1/P
 ) -> torch.Tensor:  # [B, dim] float32 on t's device
-    "Sinusoidal embedding [cos(ω_i t), sin(ω_i t)], ω_i = P^(-i/h), Eq. (eq-nets-embedding)."
+    """Sinusoidal embedding [cos(ω_i t), sin(ω_i t)], ω_i = P^(-i/h), Eq. (eq-nets-embedding).
+    Checks that max_period is a finite number > 1 (a Python number: free); does not check t for
+    NaN/Inf (it runs in every forward pass; the training loop's NaN guard catches those)."""
     t, dim = _check_t(t, None), check_int(dim, "dim", 2)
-    if not (isinstance(max_period, (int, float)) and max_period > 1):
-        raise ValueError(f"max_period must be a number > 1, got {max_period!r}")
+    max_period = check_number(max_period, "max_period", 1, lo_open=True)
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period)
@@ -94,7 +95,8 @@ def _embed_labels(emb: nn.Embedding, y: torch.Tensor) -> torch.Tensor:
 # %% ../nbs/10_nets.ipynb #7d3bbb9a
 class MLPDenoiser(nn.Module):
     """Residual MLP ε-predictor for vectors, Eq. (eq-nets-mlp-block): x [B, D], t [B], y [B] -> [B,
-    D] or [B, 2D]."""
+    D] or [B, 2D]. The forward pass checks shapes and dtypes but not finiteness (no host sync on
+    the training hot path; the training loop's NaN guard catches non-finite losses)."""
 
     def __init__(
         self,
@@ -392,8 +394,9 @@ def forward(
     t: torch.Tensor,  # [B] timesteps (code index 0 … T-1; floats allowed)
     y: torch.Tensor | None = None,  # [B] labels in [0, K]; K or None: unconditional
 ) -> torch.Tensor:  # [B, out_channels, H, W], x's dtype (or the autocast dtype)
-    "Predict ε (and the variance numbers when learn_sigma) with the U-Net, Eqs. "
-    "(eq-nets-resblock), (eq-nets-attention)."
+    """Predict ε (and the variance numbers when learn_sigma) with the U-Net, Eqs.
+    (eq-nets-resblock), (eq-nets-attention). Checks shapes and dtypes but not finiteness (no host
+    sync on the training hot path; the training loop's NaN guard catches non-finite losses)."""
     if (
         not isinstance(x, torch.Tensor)
         or not x.is_floating_point()

@@ -18,7 +18,7 @@ __all__ = ['GaussianMixtureOracle']
 # %% ../nbs/06_oracle.ipynb #183305c7
 class GaussianMixtureOracle:
     """The exact denoiser of Gaussian-mixture data, usable as a model `model(x_t, t)`, Eqs. (eq-
-    oracle-mean)-(eq-oracle-eps)."""
+    oracle-mean)-(eq-oracle-eps). Every method checks x_t: a non-empty batch of finite values."""
 
     def __init__(
         self,
@@ -60,12 +60,16 @@ def _components(self: GaussianMixtureOracle, x_t, t, y=None):
         not isinstance(x_t, torch.Tensor)
         or not x_t.is_floating_point()
         or x_t.ndim < 2
+        or len(x_t) == 0
         or x_t[0].numel() != D
     ):
         raise ValueError(
-            f"x_t must be a floating-point tensor [B, ...] with {D} numbers per example, got "
+            f"x_t must be a floating-point tensor [B, ...] with B >= 1 and {D} numbers per "
+            "example, got "
             f"{tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__}"
         )
+    if not torch.isfinite(x_t).all():  # the oracle is a reference, never on the training path
+        raise ValueError("x_t must be finite, found NaN or Inf")
     dev = (
         x_t.device if x_t.device.type != "mps" else torch.device("cpu")
     )  # MPS has no float64

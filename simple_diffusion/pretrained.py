@@ -3,21 +3,30 @@
 # %% ../nbs/13_pretrained.ipynb #2c229c54
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from importlib import resources
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .core import pick_device
 from .schedules import NoiseSchedule
-from .training import TrainConfig, load_checkpoint, load_weights
+from simple_diffusion.training import (
+    CheckpointError,
+    TrainConfig,
+    load_checkpoint,
+    load_weights,
+)
 
 # %% auto #0
-__all__ = ['weights_dir', 'available', 'card', 'load', 'export_pretrained']
+__all__ = ['MAX_PARAMETERS', 'CARD_FIELDS', 'weights_dir', 'available', 'card', 'sha256_file', 'verify_sha256',
+           'read_safetensors', 'check_finite_weights', 'load', 'export_pretrained']
 
 # %% ../nbs/13_pretrained.ipynb #5eebe3e2
 def weights_dir() -> Path:
@@ -55,7 +64,139 @@ def card(name: str, directory: str | os.PathLike | None = None) -> dict:
         raise ValueError(f"name must be one of {names}, got {name!r}")
     return json.loads(_card_path(name, directory).read_text())
 
+# %% ../nbs/13_pretrained.ipynb #77d61f2e
+MAX_PARAMETERS = 100_000_000  # a card whose network would be larger is refused before allocating
+CARD_FIELDS = ("train_config", "data_shape", "num_classes")  # also stored in the weights' header
+
+
+def sha256_file(
+    path: str | os.PathLike,  # the file to hash
+    chunk_size: int = 1 << 20,  # bytes read at a time (memory stays constant)
+) -> str:  # 64 lower-case hex digits, as `sha256sum` prints
+    "The SHA-256 of a file, streamed in chunks with hashlib."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(
+    path: str | os.PathLike,  # the weights file
+    expected,  # the SHA-256 its card records
+    card_file: str | os.PathLike,  # the card, for the message
+) -> Path:  # path, verified
+    "`path` if its SHA-256 is `expected`; else a one-line CheckpointError naming the file."
+    path = Path(path)
+    ok = isinstance(expected, str) and len(expected) == 64
+    if not ok or any(c not in "0123456789abcdef" for c in expected.lower()):
+        raise CheckpointError(
+            f"{card_file}: sha256 must be the 64-hex-digit SHA-256 of {path.name}, "
+            f"got {str(expected)[:80]!r}"
+        )
+    try:
+        got = sha256_file(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if got != expected.lower():
+        raise CheckpointError(
+            f"{path}: SHA-256 {got[:16]}… differs from the {expected[:16]}… of its card "
+            f"{Path(card_file).name} (corrupt or modified weights)"
+        )
+    return path
+
+
+def read_safetensors(
+    path: str | os.PathLike,  # a .safetensors file
+    header_only: bool = False,  # only the tensors' shapes and the metadata, no data
+) -> tuple[dict, dict]:  # tensors (or their shapes) by name, and the metadata dict
+    "A safetensors file read safely: CheckpointError naming the file if it is truncated or corrupt."
+    path = Path(path)
+    try:
+        if header_only:
+            with safe_open(str(path), "pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                return shapes, dict(f.metadata() or {})
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+        return load_file(str(path)), meta
+    except Exception as e:  # SafetensorError, OSError, ... — none of them ValueError
+        msg = " ".join(str(e).split())[:200]
+        raise CheckpointError(
+            f"{path}: truncated or corrupt safetensors file ({type(e).__name__}: {msg})"
+        ) from None
+
+
+def check_finite_weights(
+    sd: dict,  # tensors by name
+    file: str | os.PathLike,  # where they came from, for the message
+) -> dict:  # sd itself
+    "`sd` if every floating-point tensor is finite; CheckpointError naming the file and tensor."
+    for k, v in sd.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{file}: tensor {k!r} holds NaN or Inf")
+    return sd
+
 # %% ../nbs/13_pretrained.ipynb #f203a8ae
+def _check_card(info, file: Path) -> tuple[TrainConfig, tuple, int | None]:
+    "The card's config, data shape and class count, each checked; CheckpointError naming the card."
+    if not isinstance(info, dict) or not isinstance(info.get("train_config"), dict):
+        raise CheckpointError(f"{file}: train_config must be a JSON object")
+    try:
+        cfg = TrainConfig.from_dict(info["train_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a valid train_config ({e})") from None
+    shape = info.get("data_shape")
+    ok = isinstance(shape, list) and 1 <= len(shape) <= 4
+    ok = ok and all(type(d) is int and 1 <= d <= 4096 for d in shape)
+    if not ok or math.prod(shape) > 1 << 20:
+        raise CheckpointError(
+            f"{file}: data_shape must be a list of 1 to 4 integers in [1, 4096] with at "
+            f"most 2**20 values, got {str(shape)[:80]}"
+        )
+    k = info.get("num_classes")
+    if k is not None and not (type(k) is int and 2 <= k <= 100_000):
+        raise CheckpointError(
+            f"{file}: num_classes must be null or an integer in [2, 100000], got {k!r}"
+        )
+    return cfg, tuple(shape), k
+
+
+def _check_against_weights(info: dict, cfg, shape, k, file: Path, path: Path) -> None:
+    "The card's fields against the weights' header: its recorded fields, else tensor names/shapes."
+    shapes, meta = read_safetensors(path, header_only=True)
+    if "card" in meta:
+        try:
+            recorded = json.loads(meta["card"])
+        except ValueError:
+            recorded = None
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{path}: its 'card' metadata is not a JSON object")
+        for key in CARD_FIELDS:
+            a, b = info.get(key), recorded.get(key)
+            if a != b:
+                where = ""
+                if isinstance(a, dict) and isinstance(b, dict):
+                    where = " in " + ", ".join(sorted(n for n in {*a, *b} if a.get(n) != b.get(n)))
+                raise CheckpointError(
+                    f"{file}: {key}{where} differs from what {path.name} was trained with"
+                )
+        return  # these fields built these very tensors: the network is as small as the file
+    try:  # an older file with no recorded fields: build on the meta device (slower) to compare
+        with torch.device("meta"):  # shapes only, no memory: a huge card allocates nothing
+            want = {n: tuple(v.shape) for n, v in cfg.make_model(shape, k).state_dict().items()}
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: its model cannot be built ({e})") from None
+    if sum(math.prod(s) for s in want.values()) > MAX_PARAMETERS:
+        raise CheckpointError(f"{file}: its model has more than {MAX_PARAMETERS} values")
+    bad = sorted(n for n in set(want) | set(shapes) if want.get(n) != shapes.get(n))
+    if bad:
+        raise CheckpointError(
+            f"{file}: its model does not fit {path.name} ({len(bad)} tensor(s) differ in name "
+            f"or shape, e.g. {bad[0]!r}: card {want.get(bad[0])}, file {shapes.get(bad[0])})"
+        )
+
+
 def load(
     name: str,  # one of available()
     *,
@@ -65,13 +206,19 @@ def load(
 ) -> tuple[
     nn.Module, NoiseSchedule, TrainConfig
 ]:  # network in eval mode (no grad), its schedule, its config
-    "A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from "
-    "its safetensors."
+    """A shipped model, rebuilt from its card (TrainConfig.make_model) and loaded (strictly) from
+    its safetensors. Checks, each a one-line `CheckpointError` naming the file: the weights' SHA-256
+    against the card (before reading them), the card's fields (types, ranges, a size bound)
+    against the fields recorded in the weights' header and the tensors' names and shapes (before
+    allocating), a truncated or corrupt file, and non-finite weights."""
     info = card(name, directory)
-    cfg = TrainConfig.from_dict(info["train_config"])
-    model = cfg.make_model(tuple(info["data_shape"]), info["num_classes"])
-    path = _card_path(name, directory).with_suffix(".safetensors")
-    load_weights(model, load_file(path), path)
+    file = _card_path(name, directory)
+    path = file.with_suffix(".safetensors")
+    verify_sha256(path, info.get("sha256"), file)
+    cfg, shape, k = _check_card(info, file)
+    _check_against_weights(info, cfg, shape, k, file, path)
+    model = cfg.make_model(shape, k)
+    load_weights(model, check_finite_weights(read_safetensors(path)[0], path), path)
     schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
     return model.to(pick_device(device)).eval().requires_grad_(False), schedule, cfg
 
@@ -86,8 +233,8 @@ def export_pretrained(
     directory: str | os.PathLike
     | None = None,  # where to write; default: the package's weights
 ) -> Path:  # the safetensors file written
-    "Ship a run: its EMA weights as safetensors and a JSON card (config, data shape, command, "
-    "time, loss curve)."
+    """Ship a run: its EMA weights as safetensors (whose header records the card's model fields)
+    and a JSON card (config, data shape, command, time, loss curve, the weights' SHA-256)."""
     ck = load_checkpoint(run_dir)
     log = Path(run_dir) / "log.jsonl"
     curve = (
@@ -113,11 +260,13 @@ def export_pretrained(
     )
     out = Path(directory or weights_dir())
     out.mkdir(parents=True, exist_ok=True)
+    recorded = json.dumps({k: info[k] for k in CARD_FIELDS}, sort_keys=True)
     save_file(
         {k: v.contiguous() for k, v in ck["ema"].items()},
         out / f"{name}.safetensors",
-        metadata={"name": name, "step": str(info["steps"])},
+        metadata={"name": name, "step": str(info["steps"]), "card": recorded},
     )
+    info["sha256"] = sha256_file(out / f"{name}.safetensors")
     (out / f"{name}.json").write_text(json.dumps(info, indent=1) + "\n")
     for suffix in (".safetensors", ".json"):
         os.chmod(out / f"{name}{suffix}", 0o644)  # readable by all once installed

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .core import check_int, patch
+from .core import check_int, check_number, patch
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'linear_betas', 'quadratic_betas', 'sigmoid_betas', 'cosine_betas', 'shifted_cosine_betas',
@@ -20,6 +20,9 @@ SCHEDULES = ("linear", "quadratic", "cosine", "sigmoid", "shifted_cosine")
 
 def _ddpm_range(num_timesteps, beta_start, beta_end):
     "DDPM's (1e-4, 0.02) at T=1000, scaled by 1000/T when not given explicitly."
+    for value, name in ((beta_start, "beta_start"), (beta_end, "beta_end")):
+        if value is not None:  # finite, in (0, 1): NaN would pass the comparisons below
+            check_number(value, name, 0, 1, lo_open=True, hi_open=True)
     scale = 1000 / num_timesteps
     start = 1e-4 * scale if beta_start is None else beta_start
     end = 0.02 * scale if beta_end is None else beta_end
@@ -40,7 +43,7 @@ def linear_betas(
     num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
 ) -> torch.Tensor:
     """DDPM's linear schedule: β from 1e-4 to 0.02 at T=1000 (ends scaled by 1000/T otherwise);
-    float64 [T]."""
+    float64 [T]. Checks that beta_start and beta_end are finite numbers in (0, 1)."""
     start, end = _ddpm_range(
         check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
     )
@@ -50,7 +53,8 @@ def linear_betas(
 def quadratic_betas(
     num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
 ) -> torch.Tensor:
-    "DDPM's 'quad' schedule: √β linear between the linear schedule's ends; float64 [T]."
+    """DDPM's 'quad' schedule: √β linear between the linear schedule's ends; float64 [T]. Checks
+    that beta_start and beta_end are finite numbers in (0, 1)."""
     start, end = _ddpm_range(
         check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
     )
@@ -66,7 +70,7 @@ def sigmoid_betas(
     num_timesteps: int, beta_start: float | None = None, beta_end: float | None = None
 ) -> torch.Tensor:
     """GeoDiff's sigmoid schedule: β = σ(z)(β_end - β_start) + β_start, z evenly spaced in [-6, 6];
-    float64 [T]."""
+    float64 [T]. Checks that beta_start and beta_end are finite numbers in (0, 1)."""
     start, end = _ddpm_range(
         check_int(num_timesteps, "num_timesteps", 1), beta_start, beta_end
     )
@@ -83,12 +87,10 @@ def cosine_betas(
     max_beta: float = 0.999,  # clip, in (0, 1]; 0.999 keeps the last step invertible
 ) -> torch.Tensor:
     """Nichol & Dhariwal's cosine schedule, Eq. (eq-cosine): β_t = 1 - f(t)/f(t-1), clipped; float64
-    [T]."""
+    [T]. Checks that s and max_beta are finite numbers in range (NaN would give NaN betas)."""
     T = check_int(num_timesteps, "num_timesteps", 1)
-    if not 0 < max_beta <= 1:
-        raise ValueError(f"max_beta must be in (0, 1], got {max_beta}")
-    if s < 0:
-        raise ValueError(f"s must be >= 0, got {s}")
+    max_beta = check_number(max_beta, "max_beta", 0, 1, lo_open=True)
+    s = check_number(s, "s", 0)
     f = (
         torch.cos(
             (torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2
@@ -106,8 +108,14 @@ def shifted_cosine_betas(
     logsnr_max: float = 15.0,  # unshifted log-SNR at tau = 0
     max_beta: float = 0.999,
 ) -> torch.Tensor:
-    "Hoogeboom et al.'s resolution-shifted cosine schedule, Eq. (eq-shifted-cosine); float64 [T]."
+    """Hoogeboom et al.'s resolution-shifted cosine schedule, Eq. (eq-shifted-cosine); float64 [T].
+    Checks that every number is finite and in range."""
     T = check_int(num_timesteps, "num_timesteps", 1)
+    check_number(image_size, "image_size", 0, lo_open=True)
+    check_number(base_size, "base_size", 0, lo_open=True)
+    check_number(logsnr_min, "logsnr_min", -100, 100)
+    check_number(logsnr_max, "logsnr_max", -100, 100)
+    max_beta = check_number(max_beta, "max_beta", 0, 1, lo_open=True)
     if image_size < 1 or base_size < 1:
         raise ValueError(
             f"image_size and base_size must be >= 1, got {image_size}, {base_size}"
@@ -145,7 +153,15 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 def check_betas(betas) -> torch.Tensor:
     """Validate a beta schedule and return it as float64: 1-D, finite, in (0, 1); only the last may
     be 1 (zero terminal SNR)."""
-    b = torch.as_tensor(betas).detach()
+    if isinstance(betas, (str, bytes)):
+        raise ValueError(
+            f"betas must be a 1-D sequence of numbers, got the string {betas!r}; for a named "
+            f"schedule use NoiseSchedule.from_name(name, T) with name one of {SCHEDULES}"
+        )
+    try:
+        b = torch.as_tensor(betas).detach()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"betas must be a 1-D sequence of numbers ({e})") from None
     if b.ndim != 1 or len(b) < 1:
         raise ValueError(
             f"betas must be a non-empty 1-D sequence, got shape {tuple(b.shape)}"
@@ -183,7 +199,7 @@ def get_beta_schedule(
 # %% ../nbs/02_schedules.ipynb #ff004fad
 class NoiseSchedule:
     """All per-timestep tables of a discrete diffusion (float64), built from betas [T]; code t =
-    0…T-1 is the paper's 1…T."""
+    0…T-1 is the paper's 1…T. Checks betas with `check_betas` (finite, in (0, 1))."""
 
     TABLES = (
         "betas",

@@ -1,5 +1,6 @@
 """The bad-input suite: every public entry point refuses bad arguments with an exception whose message
 names the argument. Each case: (the call, the exception type, a fragment of the message)."""
+import atexit
 import re
 
 import pytest
@@ -14,7 +15,10 @@ from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.parameterization import eps_from_v, p_mean_variance, v_from_x0_eps, x0_eps_from_output, x0_from_eps
 from simple_diffusion.posterior import q_posterior_mean_variance
 from simple_diffusion.schedules import NoiseSchedule, get_beta_schedule, linear_betas
-from simple_diffusion.training import TrainConfig
+from simple_diffusion.training import CheckpointError, TrainConfig
+from simple_diffusion.metrics import evaluate_samples, load_digits_classifier, mmd2_rbf
+from simple_diffusion.pretrained import load, sha256_file, weights_dir
+from simple_diffusion.schedules import cosine_betas, quadratic_betas, shifted_cosine_betas, sigmoid_betas
 
 COS = NoiseSchedule.from_name("cosine", 1000)
 LIN = NoiseSchedule.from_name("linear", 1000)
@@ -30,6 +34,66 @@ EPS = lambda x, t, y=None: torch.zeros_like(x)
 IDENT = lambda x, t: x
 UNET = make_unet("digits", num_classes=10)
 MLP = MLPDenoiser(2)
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _tampered(kind, name="gmm8"):
+    "A fresh copy of a shipped card and its weights in a temporary folder, spoilt in one way; the folder."
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    d = Path(tempfile.mkdtemp(prefix="tampered-"))
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(weights_dir() / f"{name}{suffix}", d)
+    card_file, w = d / f"{name}.json", d / f"{name}.safetensors"
+    info = json.loads(card_file.read_text())
+    if kind == "byte":
+        raw = bytearray(w.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        w.write_bytes(bytes(raw))
+    elif kind == "truncated":
+        w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
+        info["sha256"] = sha256_file(w)
+    elif kind == "nan":
+        with safe_open(str(w), "pt") as f:
+            meta = f.metadata()
+        sd = load_file(w)
+        sd = {k: v * NAN for k, v in sd.items()}
+        save_file(sd, w, metadata=meta)
+        info["sha256"] = sha256_file(w)
+    elif kind == "no_hash":
+        del info["sha256"]
+    elif kind == "T10":
+        info["train_config"]["num_timesteps"] = 10
+    elif kind == "shape":
+        info["data_shape"] = [3]
+    elif kind == "huge":
+        info["train_config"]["model_kwargs"] = {"hidden": 1_000_000}
+    card_file.write_text(json.dumps(info))
+    atexit.register(shutil.rmtree, d, True)
+    return d
+
+
+def _tampered_classifier():
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="tampered-"))
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(weights_dir() / f"digits_classifier{suffix}", d)
+    atexit.register(shutil.rmtree, d, True)
+    w = d / "digits_classifier.safetensors"
+    w.write_bytes(w.read_bytes()[:64])
+    card = json.loads(w.with_suffix(".json").read_text())
+    card["sha256"] = sha256_file(w)
+    w.with_suffix(".json").write_text(json.dumps(card))
+    return w
+
 
 CASES = [
     # core
@@ -146,6 +210,51 @@ CASES = [
     (lambda: TrainConfig(seed=2**70), ValueError, "seed"),
     (lambda: TrainConfig(batch_size=True), ValueError, "batch_size"),
     (lambda: TrainConfig.from_dict({"learning_rate": 1e-3}), ValueError, "learning_rate"),
+    # issue 17, item 2: integrity of the shipped weights (each a one-line CheckpointError naming the file)
+    (lambda: load("gmm8", directory=_tampered("byte")), CheckpointError, "gmm8.safetensors: SHA-256"),
+    (lambda: load("gmm8", directory=_tampered("no_hash")), CheckpointError, "gmm8.json: sha256 must be"),
+    (lambda: load("gmm8", directory=_tampered("truncated")), CheckpointError, "gmm8.safetensors: truncated or corrupt"),
+    (lambda: load("gmm8", directory=_tampered("nan")), CheckpointError, "holds NaN or Inf"),
+    (lambda: load("gmm8", directory=_tampered("T10")), CheckpointError, "gmm8.json: train_config in num_timesteps differs"),
+    (lambda: load("gmm8", directory=_tampered("shape")), CheckpointError, "gmm8.json: data_shape differs"),
+    (lambda: load("gmm8", directory=_tampered("huge")), CheckpointError, "gmm8.json: train_config in model_kwargs"),
+    (lambda: load_digits_classifier(_tampered_classifier()), CheckpointError, "digits_classifier.safetensors: truncated"),
+    # issue 17, item 3: non-finite values refused at the entry points that are not the training hot path
+    (lambda: cosine_betas(10, s=NAN), ValueError, "s must be a finite number"),
+    (lambda: cosine_betas(10, max_beta=NAN), ValueError, "max_beta must be a finite number"),
+    (lambda: linear_betas(10, beta_start=NAN), ValueError, "beta_start must be a finite number"),
+    (lambda: quadratic_betas(10, beta_end=INF), ValueError, "beta_end must be a finite number"),
+    (lambda: sigmoid_betas(10, beta_start=NAN), ValueError, "beta_start must be a finite number"),
+    (lambda: shifted_cosine_betas(10, 32, logsnr_min=NAN), ValueError, "logsnr_min must be a finite number"),
+    (lambda: shifted_cosine_betas(10, INF), ValueError, "image_size must be a finite number"),
+    (lambda: get_beta_schedule("cosine", 10, s=INF), ValueError, "s must be a finite number"),
+    (lambda: timestep_embedding(T4, 8, max_period=INF), ValueError, "max_period must be a finite number"),
+    (lambda: timestep_embedding(T4, 8, max_period=NAN), ValueError, "max_period must be a finite number"),
+    (lambda: GaussianMixture([[NAN, 0.0]], [1.0]), ValueError, "means must be finite"),
+    (lambda: GaussianMixture([[0.0, 0.0]], [INF]), ValueError, "stds must be finite"),
+    (lambda: GaussianMixture([[0.0], [1.0]], [1.0, 1.0], [NAN, 1.0]), ValueError, "weights must be"),
+    (lambda: ORC25(torch.full((5, 2), NAN), TT5), ValueError, "x_t must be finite"),
+    (lambda: ORC25.score(torch.full((5, 2), INF), TT5), ValueError, "x_t must be finite"),
+    (lambda: elbo_bpd(EPS, S100, torch.full((2, 1, 8, 8), NAN), progress=False), ValueError, "x0 must be finite"),
+    (lambda: discretized_gaussian_log_likelihood(torch.full((2, 3), NAN), torch.zeros(2, 3), 0.0), ValueError, "x must lie in [-1, 1] and be finite"),
+    (lambda: discretized_gaussian_log_likelihood(torch.zeros(2, 3), torch.full((2, 3), NAN), 0.0), ValueError, "means must be finite"),
+    (lambda: mmd2_rbf(torch.zeros(3, 2), torch.full((3, 2), NAN)), ValueError, "y must be finite"),
+    (lambda: mmd2_rbf(torch.full((3, 2), INF), torch.zeros(3, 2)), ValueError, "x must be finite"),
+    (lambda: make_grid(torch.full((2, 1, 4, 4), NAN)), ValueError, "images must be finite"),
+    (lambda: evaluate_samples(torch.full((4, 1, 8, 8), NAN), Z), ValueError, "samples must be non-empty and finite"),
+    # issue 17, item 5: errors that name the argument
+    (lambda: NoiseSchedule("abc"), ValueError, "betas must be a 1-D sequence of numbers, got the string 'abc'"),
+    (lambda: NoiseSchedule([object()]), ValueError, "betas must be a 1-D sequence of numbers"),
+    (lambda: elbo_bpd(EPS, S100, torch.zeros(0, 1, 8, 8), progress=False), ValueError, "x0 must hold at least one example"),
+    (lambda: ORC25(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long)), ValueError, "x_t must be a floating-point tensor [B, ...] with B >= 1"),
+    (lambda: GaussianMixture(torch.zeros(0, 2), []), ValueError, "means must be [K, D] with K, D >= 1"),
+    (lambda: make_grid(torch.zeros(0, 1, 8, 8)), ValueError, "images must be [B, C, H, W] with B >= 1"),
+    (lambda: make_grid(Z, nrow=0), ValueError, "nrow must be an integer in [1, inf)"),
+    (lambda: make_grid(Z, padding=-1), ValueError, "padding must be an integer"),
+    (lambda: make_grid(Z, pad_value=NAN), ValueError, "pad_value must be a finite number"),
+    (lambda: evaluate_samples((Z + 1) * 127.5, Z), ValueError, "samples must be images on the [-1, 1] scale"),
+    (lambda: evaluate_samples(Z, (Z + 1) * 127.5), ValueError, "reference must be real images in [-1, 1]"),
+    (lambda: discretized_gaussian_log_likelihood(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"), 0.0), ValueError, "means must be on x's device"),
 ]
 
 

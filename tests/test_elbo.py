@@ -289,3 +289,20 @@ def test_cuda_follows_input():
     h.mean().backward()
     l = simple_loss(lambda x, t: net(x)[:, :1], s, x0, weighting="min_snr")
     assert l.device.type == "cuda"
+
+
+def test_discretized_likelihood_against_scipy_after_the_one_sync_checks():
+    "Issue 17 folded the decoder's four checks into one host read; the values must still be the Gaussian's bin masses (scipy, independent)."
+    from scipy.stats import norm
+    x = torch.tensor([-1.0, -1 + 2 / 255, 0.0, 1 - 2 / 255, 1.0], dtype=torch.float64)
+    mean, log_scale = torch.tensor([-0.9, -0.5, 0.1, 0.7, 0.95], dtype=torch.float64), torch.tensor(-1.5, dtype=torch.float64)
+    got = discretized_gaussian_log_likelihood(x, mean, log_scale).numpy()
+    sd, xs, ms = math.exp(-1.5), x.numpy(), mean.numpy()
+    hi, lo = norm.cdf((xs + 1 / 255 - ms) / sd), norm.cdf((xs - 1 / 255 - ms) / sd)
+    want = np.log(np.where(xs < -0.999, hi, np.where(xs > 0.999, 1 - lo, hi - lo)))   # end bins open
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    for bad, fragment in ((x * float("nan"), "x must lie"), (x * 2, "x must lie")):
+        with pytest.raises(ValueError, match=fragment):
+            discretized_gaussian_log_likelihood(bad, mean, log_scale)
+    with pytest.raises(ValueError, match="log_scales must be finite"):
+        discretized_gaussian_log_likelihood(x, mean, torch.tensor(float("inf")))

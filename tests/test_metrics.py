@@ -381,3 +381,17 @@ def test_weights_ship_in_the_wheel(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     assert "simple_diffusion/weights/digits_classifier.safetensors" in names
     assert "simple_diffusion/weights/digits_classifier.json" in names
+
+
+def test_evaluate_samples_refuses_pixel_scale_but_keeps_clamping_overshoot(clf, digits):
+    "Issue 17: 0..255 (or 0..16) pixels are refused instead of clamped to a meaningless FID; an unclipped sampler's overshoot is still clamped."
+    xtr, xte = digits[0][0], digits[1][0]
+    for scale in (127.5, 8.0):                                                 # 0..255 and sklearn's raw 0..16
+        with pytest.raises(ValueError, match="samples must be images on the"):
+            evaluate_samples((xte + 1) * scale, xtr, classifier=clf, kid_subsets=2)
+    with pytest.raises(ValueError, match="reference must be real images"):
+        evaluate_samples(xte, xtr * 1.5, classifier=clf, kid_subsets=2)
+    over = xte.clone()
+    over[:, :, 0, 0] = 12.0                                                   # overshoot, as unclipped DDIM-10 gives (up to ~15)
+    assert evaluate_samples(over, xtr, classifier=clf, kid_subsets=2)["fid"] == pytest.approx(
+        evaluate_samples(over.clamp(-1, 1), xtr, classifier=clf, kid_subsets=2)["fid"])

@@ -97,3 +97,147 @@ def test_cli_sample(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1, err
     assert main(["sample", "--pretrained", "digits", "--out", str(tmp_path / "x.jpg")]) == 1
+
+
+# --- integrity of the shipped weights (issue 17, item 2) -------------------------------------------
+
+import hashlib
+
+from safetensors.torch import load_file, save_file
+
+from simple_diffusion.pretrained import sha256_file, verify_sha256
+from simple_diffusion.training import CheckpointError
+
+
+def _copy(tmp_path, name="gmm8"):
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(weights_dir() / f"{name}{suffix}", tmp_path)
+    return tmp_path / f"{name}.json", tmp_path / f"{name}.safetensors"
+
+
+def _edit_card(card_file, **changes):
+    info = json.loads(card_file.read_text())
+    for k, v in changes.items():
+        if k in TrainConfig.__dataclass_fields__:
+            info["train_config"][k] = v
+        else:
+            info[k] = v
+    card_file.write_text(json.dumps(info))
+
+
+def _refused(name, directory, fragment):
+    with pytest.raises(CheckpointError) as e:
+        load(name, directory=directory)
+    msg = str(e.value)
+    assert fragment in msg and len(msg.splitlines()) == 1, msg
+    return msg
+
+
+def test_every_card_carries_the_sha256_of_its_weights():
+    for f in weights_dir().glob("*.json"):
+        want = hashlib.sha256(f.with_suffix(".safetensors").read_bytes()).hexdigest()   # independent: one read, no chunks
+        assert json.loads(f.read_text())["sha256"] == want == sha256_file(f.with_suffix(".safetensors"), chunk_size=7), f
+
+
+def test_perturbed_byte_refused(tmp_path):
+    card_file, w = _copy(tmp_path)
+    raw = bytearray(w.read_bytes())
+    raw[len(raw) // 2] ^= 0x10                                                           # one bit of one weight
+    w.write_bytes(bytes(raw))
+    msg = _refused("gmm8", tmp_path, "SHA-256")
+    assert str(w) in msg
+
+
+def test_wrong_or_missing_hash_refused(tmp_path):
+    card_file, w = _copy(tmp_path)
+    _edit_card(card_file, sha256="0" * 64)
+    _refused("gmm8", tmp_path, "SHA-256")
+    _edit_card(card_file, sha256="not-a-hash")
+    _refused("gmm8", tmp_path, "sha256 must be")
+    info = json.loads(card_file.read_text())
+    del info["sha256"]
+    card_file.write_text(json.dumps(info))
+    _refused("gmm8", tmp_path, "sha256 must be")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        verify_sha256(w, "f" * 64, card_file)
+
+
+def test_truncated_safetensors_refused(tmp_path):
+    card_file, w = _copy(tmp_path)
+    w.write_bytes(w.read_bytes()[:100])                                                  # header cut
+    _edit_card(card_file, sha256=sha256_file(w))                                         # so that the hash passes and the reader is reached
+    msg = _refused("gmm8", tmp_path, "truncated or corrupt safetensors")
+    assert str(w) in msg and "SafetensorError" in msg
+
+
+def test_nan_weights_with_matching_hash_refused(tmp_path):
+    card_file, w = _copy(tmp_path)
+    with __import__("safetensors").safe_open(str(w), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(w)
+    k = next(iter(sd))
+    sd[k] = torch.full_like(sd[k], float("nan"))
+    save_file(sd, w, metadata=meta)
+    _edit_card(card_file, sha256=sha256_file(w))
+    msg = _refused("gmm8", tmp_path, "NaN or Inf")
+    assert k in msg and str(w) in msg
+
+
+def test_card_fields_checked_against_the_weights(tmp_path):
+    card_file, _ = _copy(tmp_path)
+    original = card_file.read_text()
+    for changes, fragment in (({"num_timesteps": 10}, "train_config in num_timesteps differs"),
+                              ({"prediction": "v"}, "train_config in prediction differs"),
+                              ({"model_kwargs": {"hidden": 1_000_000}}, "model_kwargs differs"),
+                              ({"data_shape": [3]}, "data_shape differs"),
+                              ({"num_classes": 10}, "num_classes differs"),
+                              ({"data_shape": [2, 10**9]}, "data_shape must be"),
+                              ({"data_shape": "2"}, "data_shape must be"),
+                              ({"num_classes": -1}, "num_classes must be"),
+                              ({"num_timesteps": "1000"}, "not a valid train_config"),
+                              ({"train_config": []}, "train_config must be")):
+        card_file.write_text(original)
+        _edit_card(card_file, **changes)
+        assert str(card_file) in _refused("gmm8", tmp_path, fragment)
+    card_file.write_text(original)
+    assert load("gmm8", directory=tmp_path)[2].num_timesteps == 1000                     # the untouched copy still loads
+
+
+def test_card_checked_against_shapes_without_recorded_fields(tmp_path):
+    "Weights with no recorded card (an older export): the tensors' shapes still catch another data shape or width, before allocating."
+    card_file, w = _copy(tmp_path)
+    save_file(load_file(w), w)                                                           # header metadata dropped
+    _edit_card(card_file, sha256=sha256_file(w))
+    original = card_file.read_text()
+    assert load("gmm8", directory=tmp_path)[0] is not None
+    for changes, fragment in (({"data_shape": [3]}, "does not fit gmm8.safetensors"),
+                              ({"model_kwargs": {"hidden": 64}}, "does not fit gmm8.safetensors"),
+                              ({"model_kwargs": {"hidden": 1_000_000}}, "more than 100000000 values")):   # refused on the meta device: nothing allocated
+        card_file.write_text(original)
+        _edit_card(card_file, **changes)
+        _refused("gmm8", tmp_path, fragment)
+
+
+def test_digits_classifier_integrity(tmp_path):
+    from simple_diffusion.metrics import load_digits_classifier
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(weights_dir() / f"digits_classifier{suffix}", tmp_path)
+    w = tmp_path / "digits_classifier.safetensors"
+    assert json.loads(w.with_suffix(".json").read_text())["sha256"] == sha256_file(w)
+    assert load_digits_classifier(w).info["test_accuracy"] == 1.0
+    good = w.read_bytes()
+    w.write_bytes(good[:-8])
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_digits_classifier(w)
+    info = json.loads(w.with_suffix(".json").read_text())
+    del info["sha256"]                                                                   # a card without a hash: the reader still names the file
+    w.with_suffix(".json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError) as e:
+        load_digits_classifier(w)
+    assert "truncated or corrupt safetensors" in str(e.value) and str(w) in str(e.value)
+    sd = load_file(weights_dir() / "digits_classifier.safetensors")
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k] * float("inf")
+    save_file(sd, w)
+    with pytest.raises(CheckpointError, match="NaN or Inf"):
+        load_digits_classifier(w)

@@ -152,3 +152,13 @@ def test_bad_timesteps(t, word):
     assert word in str(e.value)
     with pytest.raises(ValueError, match="table"):
         s.gather("nope", torch.tensor([0, 1]), torch.zeros(2, 3))
+
+
+def test_cosine_s_zero_still_allowed_closed_form():
+    "Issue 17 checks s with check_number(s, 's', 0): s = 0 stays allowed, and β_1 = 1 - cos²(π/2T)/cos²(0) = sin²(π/(2T))."
+    from simple_diffusion.schedules import cosine_betas
+    for T in (4, 1000):
+        assert abs(float(cosine_betas(T, s=0.0)[0]) - math.sin(math.pi / (2 * T)) ** 2) < 1e-15
+    for bad in (float("nan"), float("inf"), -1e-3):
+        with pytest.raises(ValueError, match="s must be a finite number"):
+            cosine_betas(10, s=bad)
