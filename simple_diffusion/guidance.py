@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .core import check_choice, check_int, check_number, check_tensor
@@ -19,6 +19,8 @@ from .core import pick_device
 from .forward import q_sample
 from .nets import timestep_embedding
 from .oracle import GaussianMixtureOracle
+from .pretrained import check_finite_weights, read_safetensors, sha256_file
+from .pretrained import verify_sha256
 from .parameterization import PREDICTIONS, eps_from_v, eps_from_x0
 from .parameterization import v_from_x0_eps, x0_from_eps
 from .sampling import sample
@@ -407,6 +409,7 @@ def save_noisy_classifier(
         str(path),
     )
     path.chmod(0o644)
+    info = {**info, "sha256": sha256_file(path)}
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return path
 
@@ -423,8 +426,11 @@ def load_noisy_classifier(
             "`python scripts/train_noisy_classifier.py`"
         )
     info = json.loads(path.with_suffix(".json").read_text())
+    if "sha256" in info:  # the shipped card carries it; older user files may not
+        verify_sha256(path, info["sha256"], path.with_suffix(".json"))
     cfg = dict(info["config"])
     net = NoisyClassifier(cfg.pop("data_shape"), cfg.pop("num_classes"), **cfg)
-    net.load_state_dict(load_file(str(path)))
+    sd, _ = read_safetensors(path)
+    net.load_state_dict(check_finite_weights(sd, path))
     net.info = info
     return net.to(pick_device(device)).eval().requires_grad_(False)

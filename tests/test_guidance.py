@@ -1,5 +1,6 @@
 """Contracts of simple_diffusion.guidance: CFG and classifier guidance as model wrappers, checked against the exact
 mixture denoiser, on the shipped digits models, and on every bad input."""
+import json
 import math
 
 import pytest
@@ -217,6 +218,24 @@ def test_noisy_classifier_save_load(tmp_path):
     assert shipped.info["test_accuracy_at_t"]["0"] > 0.9 and "command" in shipped.info
     with pytest.raises(FileNotFoundError):
         load_noisy_classifier(tmp_path / "missing.safetensors")
+    # integrity: the card's SHA-256 is checked, then every tensor's finiteness
+    from safetensors.torch import save_file
+
+    from simple_diffusion.training import CheckpointError
+    assert len(json.loads(path.with_suffix(".json").read_text())["sha256"]) == 64
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256|sha256"):
+        load_noisy_classifier(path)
+    bad = {k: torch.full_like(v, float("nan")) for k, v in net.state_dict().items()}
+    nan_path = save_noisy_classifier(net, info, tmp_path / "n.safetensors")
+    save_file(bad, str(nan_path))
+    card = json.loads(nan_path.with_suffix(".json").read_text())
+    del card["sha256"]  # an older user file without a hash: still refused for NaN
+    nan_path.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_noisy_classifier(nan_path)
 
 
 def test_every_sampler_and_both_guidances():
