@@ -33,6 +33,8 @@ def main(argv=None):
     ap.add_argument("--sample-steps", type=int, default=20, help="DDIM steps per sample")
     ap.add_argument("--note", default="", help="recorded in the file, e.g. why a grid was reduced")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the cells of --out that belong to this grid (same settings); compute the rest")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     train, test = load_digits("train"), load_digits("test")
@@ -40,14 +42,20 @@ def main(argv=None):
     command = "OMP_NUM_THREADS=1 python scripts/augment_grid.py " + " ".join(
         ["--ks " + " ".join(map(str, a.ks)), "--seeds " + " ".join(map(str, a.seeds)),
          f"--gen-steps {a.gen_steps}", f"--clf-steps {a.clf_steps}", f"--sample-steps {a.sample_steps}"]
-        + ([f"--note {a.note!r}"] if a.note else []))
+        + ([f"--note {a.note!r}"] if a.note else []) + (["--resume"] if a.resume else []))
     result = dict(command=command, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   machine=f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, 1 thread",
                   ks=a.ks, seeds=a.seeds, settings=settings, note=a.note, complete=False, cells=[])
+    done = {}
+    if a.resume and a.out.exists():
+        old = json.loads(a.out.read_text())
+        if old["settings"] == settings:
+            done = {(c["k"], c["seed"]): c for c in old["cells"]}
+            result["date_started"] = old.get("date_started", old["date"])
     t0 = time.perf_counter()
     for seed in a.seeds:  # seeds outer: a grid cut short still covers every k
         for k in a.ks:
-            cell = kshot_experiment(k, seed, train, test, **settings)
+            cell = done.get((k, seed)) or kshot_experiment(k, seed, train, test, **settings)
             result["cells"].append(cell)
             result["seconds"] = round(time.perf_counter() - t0, 1)
             a.out.parent.mkdir(parents=True, exist_ok=True)
