@@ -235,3 +235,35 @@ def test_bad_input(digits, tiny_generator):
     for f, name in cases:
         with pytest.raises(ValueError, match=name):
             f()
+
+
+# --- the CLI ------------------------------------------------------------------------------------------------------
+
+def test_cli_augment_pretrained(tmp_path, capsys):
+    from simple_diffusion.cli import main
+    out = tmp_path / "aug.npz"
+    assert main(["augment", "--pretrained", "digits_cond", "--per-class", "3", "--steps", "4", "--guidance", "1",
+                 "--seed", "2", "--out", str(out), "--quiet"]) == 0
+    d = np.load(out)
+    assert d["x"].shape == (30, 1, 8, 8) and np.abs(d["x"]).max() <= 1
+    assert np.array_equal(np.bincount(d["y"]), np.full(10, 3))
+    assert "wrote 30 images" in capsys.readouterr().out
+
+
+def test_cli_augment_checkpoint_and_errors(tmp_path, capsys):
+    from simple_diffusion.cli import main
+    from simple_diffusion.training import train
+    run = tmp_path / "run"
+    train(run, progress=False, data="digits", steps=2, ckpt_every=2, class_conditional=True, batch_size=8)
+    out = tmp_path / "a.npz"
+    assert main(["augment", "--checkpoint", str(run), "--per-class", "2", "--steps", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    d = np.load(out)
+    assert d["x"].shape == (20, 1, 8, 8) and np.array_equal(np.bincount(d["y"]), np.full(10, 2))
+    capsys.readouterr()
+    assert main(["augment", "--pretrained", "digits", "--per-class", "2", "--out", str(out)]) == 1
+    assert "class-conditional" in capsys.readouterr().err
+    assert main(["augment", "--pretrained", "digits_cond", "--per-class", "0", "--out", str(out)]) == 1
+    assert "--per-class" in capsys.readouterr().err
+    assert main(["augment", "--pretrained", "digits_cond", "--per-class", "2", "--out", str(tmp_path / "a.npy")]) == 1
+    assert "--out" in capsys.readouterr().err
