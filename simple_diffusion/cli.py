@@ -263,6 +263,45 @@ def _inverse_command(args) -> int:
           f"to {args.out}{also}")
     return 0
 
+# %% ../nbs/14_cli.ipynb #bef8c9b0
+def _add_augment_parser(sub):
+    "Options of `simple-diffusion augment`."
+    a = sub.add_parser("augment", help="write a labelled synthetic set (.npz with x and y)",
+                       description="Draw --per-class images of every class of a class-"
+                                   "conditional model (augment.augment_dataset) into an .npz.")
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a class-conditional run or ckpt-* directory")
+    src.add_argument("--pretrained", help="a class-conditional shipped model, e.g. digits_cond")
+    a.add_argument("--per-class", type=int, required=True, help="images of every class, >= 1")
+    a.add_argument("--out", required=True, help="the .npz file to write (arrays x and y)")
+    a.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="(default: ddim)")
+    for flag, typ, dflt, text in (("--guidance", float, 0.0, "classifier-free weight w >= 0"),
+                                  ("--steps", int, 50, "network evaluations per sample"),
+                                  ("--chunk", int, 512, "samples per sampler call"),
+                                  ("--seed", int, 0, "random seed"),
+                                  ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
+        a.add_argument(flag, type=typ, default=dflt, help=f"{text} (default: {dflt})")
+    a.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _augment_command(args) -> int:
+    from simple_diffusion.augment import augment_dataset
+    if not args.out.endswith(".npz"):
+        raise ValueError(f"--out must name a .npz file, got {args.out!r}")
+    if args.per_class < 1:
+        raise ValueError(f"--per-class must be >= 1, got {args.per_class}")
+    model, schedule, cfg, shape, K = _load_model(args)
+    if K is None:
+        raise ValueError("augment needs a class-conditional model; this one has no labels")
+    x, y = augment_dataset(model, schedule, [args.per_class] * K, args.guidance,
+                           shape=shape, sampler=args.sampler, steps=args.steps,
+                           chunk=args.chunk, seed=args.seed, progress=not args.quiet,
+                           prediction=cfg.prediction, clip_denoised=len(shape) == 3)
+    np.savez(args.out, x=x.float().cpu().numpy(), y=y.cpu().numpy())
+    print(f"wrote {len(y)} images ({args.per_class} of each of {K} classes, w={args.guidance:g}, "
+          f"{args.sampler}, {args.steps} steps) to {args.out}")
+    return 0
+
 # %% ../nbs/14_cli.ipynb #0a066890
 class _Parser(argparse.ArgumentParser):
     "argparse, but a usage error is one line on stderr and exit status 2."
@@ -347,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_parser(sub)
     _add_inverse_parser(sub, "inpaint")
     _add_inverse_parser(sub, "upscale")
+    _add_augment_parser(sub)
     return p
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
@@ -370,6 +410,7 @@ _COMMANDS = {
     "evaluate": _evaluate_command,
     "inpaint": _inverse_command,
     "upscale": _inverse_command,
+    "augment": _augment_command,
 }
 
 
