@@ -154,7 +154,7 @@ def summarise(out, metric="sw1") -> str:
                 line += f"; diffusers' best {tb} {mean(tb):.4f}; ratio {mean(best) / mean(tb):.2f}"
             line += f"; / floor {mean(best) / floor:.2f}"
             for a, b in (("ours ddim", "diffusers ddim"), ("ours dpmpp2m", "diffusers dpm++2m"),
-                         ("ours dpmpp3m", "diffusers dpm++3m")):
+                         ("ours dpmpp3m", "diffusers dpm++3m"), ("ours unipc", "diffusers unipc")):
                 if a in res and b in res: line += f"; {a.split()[1]} vs diffusers {mean(a) / mean(b):.2f}"
             lines.append(line)
     return "\n".join(lines)
