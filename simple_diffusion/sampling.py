@@ -54,7 +54,7 @@ def ddpm_step(
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm")
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
-SIGMA_MAX_EPS = 20.0  # ...for an ε-model, whose x̂_0 error is σ/α × its ε error, Eq. (eq-sampling-eps-amp)
+SIGMA_MAX_EPS = 20.0  # ...for an ε-model: x̂_0 error = σ/α × ε error, Eq. (eq-sampling-eps-amp)
 
 
 def _half_log_snr(abar):
@@ -744,8 +744,8 @@ def _check_start(spaced, prediction, clipped=False):
     if prediction == "eps" and spaced.num_timesteps <= 2 and not clipped:
         warnings.warn(
             f"steps={spaced.num_timesteps} with an ε-model: the sample is essentially x̂_0 at "
-            f"σ/α = {math.sqrt((1 - abar) / abar):.3g}, which carries that multiple of the model's ε "
-            "error; use steps >= 5, clip_denoised=True for images, or an x0/v model",
+            f"σ/α = {math.sqrt((1 - abar) / abar):.3g}, which carries that multiple of the "
+            "model's ε error; use steps >= 5, clip_denoised=True for images, or an x0/v model",
             SamplingWarning,
             stacklevel=3,
         )
