@@ -15,6 +15,7 @@ Goals (issue 11): our best sampler at its defaults <= 0.8x diffusers' best at 10
 the floor at 20 NFE; no sampler of ours at its defaults worse than 1.2x its diffusers counterpart.
 
     python benchmarks/bench_sampler_error.py [--n 4000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
+    in parallel: one process per --mixtures M (--out part_M.json), then --merge part_*.json --out FILE
     FULL: --n 8000 --seeds 5 --projections 1000
 Writes a JSON results file (the command, the date and the machine included) when --out is given.
 """
@@ -154,7 +155,7 @@ def summarise(out, metric="sw1") -> str:
                 line += f"; diffusers' best {tb} {mean(tb):.4f}; ratio {mean(best) / mean(tb):.2f}"
             line += f"; / floor {mean(best) / floor:.2f}"
             for a, b in (("ours ddim", "diffusers ddim"), ("ours dpmpp2m", "diffusers dpm++2m"),
-                         ("ours dpmpp3m", "diffusers dpm++3m")):
+                         ("ours dpmpp3m", "diffusers dpm++3m"), ("ours unipc", "diffusers unipc")):
                 if a in res and b in res: line += f"; {a.split()[1]} vs diffusers {mean(a) / mean(b):.2f}"
             lines.append(line)
     return "\n".join(lines)
@@ -172,7 +173,20 @@ def main():
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="merge results files of runs on disjoint --mixtures (one process each) into --out")
     args = p.parse_args()
+    if args.merge:
+        parts = [json.load(open(f)) for f in args.merge]
+        out = dict(parts[0])
+        for key in ("results", "floor", "neg_entropy"):
+            out[key] = {k: v for part in parts for k, v in part[key].items()}
+        out["command"] = " ; ".join(part["command"] for part in parts) + " ; then --merge"
+        out["date"] = min(part["date"] for part in parts)
+        for metric in out["metrics"]: print(summarise(out, metric))
+        if args.out:
+            with open(args.out, "w") as f: json.dump(out, f, indent=1)
+        return
     if args.summarise:
         out = json.load(open(args.summarise))
         for metric in out["metrics"]: print(summarise(out, metric))

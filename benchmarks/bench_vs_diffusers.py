@@ -8,7 +8,8 @@
    ~6e-8), which the 1/√ᾱ ≈ 2e4 of the first steps amplifies; DDIM stays near 2e-5. The 1000-step DDPM chain
    differs by ~3e-4 on average: diffusers' β_t = 1 − ᾱ_t/ᾱ_{t−1} in float32 is off by up to 1e-3 in relative
    terms where β ≈ 4e-5 (ours is float64), and the chain accumulates that over 1000 steps.
-2. Loop overhead (every sampler, DPM-Solver++ 2M/3M against DPMSolverMultistepScheduler of that order):
+2. Loop overhead (every sampler, DPM-Solver++ 2M/3M against DPMSolverMultistepScheduler of that order, UniPC
+   against UniPCMultistepScheduler at its defaults):
    wall time of the whole sampling loop with a near-zero-cost model (one 2x2 linear layer on
    [64, 2]), so that the loop dominates; ours / diffusers, for 50 and 1000 steps; best of --repeats runs,
    one thread, under torch.no_grad() for both. Goal: ratio <= 0.7. Also the ratio with the digits U-Net,
@@ -21,7 +22,7 @@ import time
 import warnings
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
 from simple_diffusion.data import toy_mixture
 from simple_diffusion.nets import make_unet
@@ -33,7 +34,8 @@ from simple_diffusion.schedules import NoiseSchedule
 def diffusers_loop(cls, schedule, model, x_T, steps, spacing, generator=None, order=None):
     extra = {"set_alpha_to_one": True} if cls is DDIMScheduler else {}
     if cls is DPMSolverMultistepScheduler: extra = {"solver_order": order}
-    else: extra["clip_sample"] = False
+    elif cls is UniPCMultistepScheduler: extra = {}
+    elif cls is not UniPCMultistepScheduler: extra["clip_sample"] = False
     s = cls(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.numpy(), prediction_type="epsilon",
             timestep_spacing=spacing, **extra)
     s.set_timesteps(steps)
@@ -91,7 +93,8 @@ def overhead(repeats):
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         for steps in step_counts:
             for sampler, cls, order in (("ddpm", DDPMScheduler, None), ("ddim", DDIMScheduler, None),
-                                        ("dpmpp2m", DPMSolverMultistepScheduler, 2), ("dpmpp3m", DPMSolverMultistepScheduler, 3)):
+                                        ("dpmpp2m", DPMSolverMultistepScheduler, 2), ("dpmpp3m", DPMSolverMultistepScheduler, 3),
+                                        ("unipc", UniPCMultistepScheduler, None)):
                 with torch.no_grad():
                     td = best_time(lambda: diffusers_loop(cls, sched, model, x_T, steps, "trailing", torch.Generator().manual_seed(1),
                                                           order), repeats)

@@ -31,9 +31,11 @@ from simple_diffusion.parameterization import (
 from .schedules import NoiseSchedule
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'MAX_STEP_RATIO', 'X0_LIMIT', 'DEFAULT_SPACING', 'ddpm_step', 'space_timesteps',
-           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'dynamic_threshold',
-           'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'sample']
+__all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS', 'LOWER_ORDER_FINAL',
+           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ddpm_step', 'space_timesteps',
+           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
+           'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler',
+           'default_discretisation', 'sample']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -49,11 +51,10 @@ def ddpm_step(
     return mean if noise is None else mean + std * noise
 
 # %% ../nbs/12_sampling.ipynb #09201712
-SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm")
-SIGMA_MAX = (
-    80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
-)
+SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
+SIGMA_MAX_EPS = 20.0  # ...for an ε-model: x̂_0 error = σ/α × ε error, Eq. (eq-sampling-eps-amp)
 
 
 def _half_log_snr(abar):
@@ -61,9 +62,9 @@ def _half_log_snr(abar):
     return 0.5 * (np.log(abar) - np.log1p(-abar))
 
 
-def _spaced_by_lambda(abar, S, spacing, rho):
+def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     "S ascending code steps in [0, t_max], uniform in λ ('logsnr') or in σ^(1/ρ) ('edm')."
-    t_max = int((abar >= 1 / (1 + SIGMA_MAX**2)).sum()) - 1
+    t_max = int((abar >= 1 / (1 + sigma_max**2)).sum()) - 1
     S = check_int(S, "steps", 1, t_max + 1)
     lam = _half_log_snr(abar[: t_max + 1])
     u = np.linspace(0.0, 1.0, S) if S > 1 else np.zeros(1)
@@ -94,10 +95,11 @@ def space_timesteps(
     spacing: str = "leading",  # one of SPACINGS
     alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
     rho: float = 7.0,  # EDM's ρ > 0 ('edm' only)
+    sigma_max: float = SIGMA_MAX,  # the largest σ/α visited ('logsnr', 'edm' only), > 0
 ) -> torch.Tensor:  # [S] long, ascending code timesteps in [0, T)
     """The S code timesteps a respaced sampler visits. 'linspace', 'leading', 'trailing': diffusers'
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
-    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = SIGMA_MAX."""
+    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max."""
     T = check_int(num_timesteps, "num_timesteps", 1)
     check_choice(spacing, SPACINGS, "spacing")
     if spacing in ("logsnr", "edm"):
@@ -105,9 +107,9 @@ def space_timesteps(
             raise ValueError(f"alphas_cumprod is required for spacing={spacing!r}")
         ab = check_tensor(alphas_cumprod, "alphas_cumprod", shape=(T,))
         ab = ab.detach().cpu().double().numpy()
-        t = _spaced_by_lambda(
-            ab, steps, spacing, check_number(rho, "rho", 0, lo_open=True)
-        )
+        rho = check_number(rho, "rho", 0, lo_open=True)
+        sigma_max = check_number(sigma_max, "sigma_max", 0, lo_open=True)
+        t = _spaced_by_lambda(ab, steps, spacing, rho, sigma_max)
         return torch.as_tensor(t)
     S = check_int(steps, "steps", 1, T)
     if spacing == "linspace":
@@ -163,7 +165,10 @@ class SpacedSchedule(NoiseSchedule):
 
 
 def respace(
-    schedule: NoiseSchedule, steps: int, spacing: str = "leading"
+    schedule: NoiseSchedule,  # the model's schedule
+    steps: int,  # S, the number of steps to keep
+    spacing: str = "leading",  # one of SPACINGS
+    sigma_max: float = SIGMA_MAX,  # the largest σ/α of 'logsnr' and 'edm'
 ) -> SpacedSchedule:
     "The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace)."
     if not isinstance(schedule, NoiseSchedule):
@@ -171,13 +176,23 @@ def respace(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
         )
     ts = space_timesteps(
-        schedule.num_timesteps, steps, spacing, schedule.alphas_cumprod
+        schedule.num_timesteps,
+        steps,
+        spacing,
+        schedule.alphas_cumprod,
+        sigma_max=sigma_max,
     )
     return SpacedSchedule(schedule, ts)
 
 # %% ../nbs/12_sampling.ipynb #9c65cdf4
 def ddim_sigma(abar: float, abar_prev: float, eta: float) -> float:
-    "σ_t(η) of DDIM, Eq. (eq-sampling-ddim) (Song et al. 2021, Eq. 16)."
+    """σ_t(η) of DDIM, Eq. (eq-sampling-ddim) (Song et al. 2021, Eq. 16); 0 at ᾱ_t = 1.
+    Checks 0 <= ᾱ_t <= ᾱ_{t-1} <= 1 and η in [0, 1]."""
+    abar = check_number(abar, "abar", 0, 1)
+    abar_prev = check_number(abar_prev, "abar_prev", abar, 1)
+    eta = check_number(eta, "eta", 0, 1)
+    if abar == 1:
+        return 0.0
     return eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
 
 
@@ -216,7 +231,12 @@ def dpmpp2m_step(
     abar_u: float | None = None,  # ᾱ_u of that step
 ) -> torch.Tensor:  # [B, ...] x_t
     """One DPM-Solver++(2M) step, Eqs. (eq-sampling-dpm1), (eq-sampling-dpmpp2m) (Lu et al. 2022,
-    Algorithm 2); first order (= DDIM, η = 0) without x0_u or when ᾱ_t = 1."""
+    Algorithm 2); first order (= DDIM, η = 0) without x0_u or when ᾱ_t = 1; x_s itself when
+    ᾱ_s = 1. Checks 0 <= ᾱ_s <= ᾱ_t <= 1."""
+    abar_s = check_number(abar_s, "abar_s", 0, 1)
+    abar_t = check_number(abar_t, "abar_t", abar_s, 1)
+    if abar_s == 1:
+        return x
     if x0_u is not None and abar_t < 1 and abar_u > 0:
         lam_s, lam_t, lam_u = (
             _half_log_snr(abar_s),
@@ -261,6 +281,79 @@ def dpmpp3m_step(
     )  # ∫_0^h e^{τ-h} τ^k dτ, k = 0, 1, 2
     ratio = math.sqrt((1 - abar_t) / (1 - abar_s))
     return ratio * x + math.sqrt(abar_t) * (w0 * x0 + w1 * (f1 + h0 * f2) + w2 * f2)
+
+# %% ../nbs/12_sampling.ipynb #c810f366
+UNIPC_ORDERS = (1, 2, 3)  # the predictor orders p of `unipc_step`; with the corrector, order p + 1
+LOWER_ORDER_FINAL = 15  # below this many steps the last two steps drop to orders 1, 2 (Lu et al.)
+
+
+def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
+    """x_t from x_s (x̂_0 = m0 at s, `prev` = ((x̂_0, ᾱ) of earlier steps, newest first)): the
+    predictor UniP-p (m_new None) or the corrector UniC-p with the x̂_0 m_new at t, B(h) = e^h - 1
+    (Zhao et al. 2023, Algorithms 1, 2, 'bh2'), Eqs. (eq-sampling-unip), (eq-sampling-unic)."""
+    if abar_t >= 1:  # the last step to σ = 0: x_0 = x̂_0 (first order)
+        return m0
+    if abar_s <= 0:  # from zero terminal SNR (λ = -∞): first order, no correction
+        return math.sqrt(1 - abar_t) * x + math.sqrt(abar_t) * m0
+    prev = [(m, a) for m, a in prev if a > 0]
+    order = min(order, len(prev) + 1)
+    lam_s, lam_t = _half_log_snr(abar_s), _half_log_snr(abar_t)
+    h = lam_t - lam_s
+    rks = [(_half_log_snr(a) - lam_s) / h for _, a in prev[: order - 1]] + [1.0]
+    D1s = [(m - m0) / r for (m, _), r in zip(prev[: order - 1], rks)]
+    hh = -h
+    h_phi_1 = math.expm1(hh)  # e^{-h} - 1
+    B_h = h_phi_1  # 'bh2': B(h) = e^{h} - 1 in the data-prediction sign convention
+    h_phi_k, fact, R, b = h_phi_1 / hh - 1, 1, [], []
+    for k in range(1, order + 1):
+        R.append([r ** (k - 1) for r in rks])
+        b.append(h_phi_k * fact / B_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    R, b = np.array(R), np.array(b)
+    if m_new is None:
+        rhos = np.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else [0.5] * (order - 1)
+        res = sum(rho * d for rho, d in zip(rhos, D1s))
+    else:
+        rhos = np.linalg.solve(R, b) if order > 1 else [0.5]
+        res = sum(rho * d for rho, d in zip(rhos[:-1], D1s)) + rhos[-1] * (m_new - m0)
+    sigma_ratio = math.sqrt((1 - abar_t) / (1 - abar_s))
+    return sigma_ratio * x - math.sqrt(abar_t) * (h_phi_1 * m0 + B_h * res)
+
+
+def unipc_step(
+    x: torch.Tensor,  # [B, ...] x_s
+    x0: torch.Tensor,  # [B, ...] x̂_0 at s
+    abar_s: float,  # ᾱ_s of the current step, in [0, 1)
+    abar_t: float,  # ᾱ_t of the target step; 1 at the last
+    history: tuple = (),  # ((x̂_0, ᾱ) of the earlier steps, newest first); order - 1 are used
+    order: int = 2,  # the predictor's order p, one of UNIPC_ORDERS
+) -> torch.Tensor:  # [B, ...] x_t
+    """The UniP-p predictor, Eq. (eq-sampling-unip) (Zhao et al. 2023, Alg. 1, B(h) = e^h - 1);
+    p = 1 is DDIM (η = 0)."""
+    order = check_choice(order, UNIPC_ORDERS, "order")
+    if len(history) < order - 1:
+        raise ValueError(f"order={order} needs {order - 1} earlier x̂_0, got {len(history)}")
+    return _unipc_update(x, x0, abar_s, abar_t, tuple(history), order)
+
+
+def unipc_correct(
+    x_s: torch.Tensor,  # [B, ...] x at the previous step s (where the predictor started)
+    x0_s: torch.Tensor,  # [B, ...] x̂_0 at s
+    abar_s: float,  # ᾱ_s
+    x_t: torch.Tensor,  # [B, ...] the predicted x_t (unused by the formula; kept for its shape)
+    x0_t: torch.Tensor,  # [B, ...] x̂_0 evaluated at the predicted x_t
+    abar_t: float,  # ᾱ_t < 1
+    history: tuple = (),  # ((x̂_0, ᾱ) of the steps before s, newest first)
+    order: int = 2,  # the order p of the predictor step s -> t
+) -> torch.Tensor:  # [B, ...] the corrected x_t
+    """The UniC-p corrector, Eq. (eq-sampling-unic) (Zhao et al. 2023, Alg. 2): the same update
+    with x̂_0(x_t) as one more node; no extra network call, order p + 1."""
+    order = check_choice(order, UNIPC_ORDERS, "order")
+    if len(history) < order - 1:
+        raise ValueError(f"order={order} needs {order - 1} earlier x̂_0, got {len(history)}")
+    return _unipc_update(x_s, x0_s, abar_s, abar_t, tuple(history), order, x0_t)
+
 
 # %% ../nbs/12_sampling.ipynb #dc9c82f0
 def dynamic_threshold(
@@ -372,9 +465,20 @@ def _ddpm_std(spaced, variance):
     return (0.5 * log_var).exp().tolist()
 
 
-def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta):
-    "One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ))."
+ORDERS = {"ddpm": (1,), "ddim": (1,), "dpmpp2m": (2,), "dpmpp3m": (3,), "unipc": UNIPC_ORDERS}
+DEFAULT_ORDER = {"ddpm": 1, "ddim": 1, "dpmpp2m": 2, "dpmpp3m": 3, "unipc": 2}
+
+
+def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2):
+    """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
+    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order."""
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else 1.0
+    final2 = i == 1 and len(ab) < LOWER_ORDER_FINAL
+    if sampler == "unipc":
+        p = min(order, len(hist) + 1, 2 if final2 else 3)
+        return unipc_step(x, x0, abar, abar_prev, hist[::-1][: p - 1], p)
+    if sampler == "dpmpp3m" and final2:
+        sampler = "dpmpp2m"
     if sampler == "ddpm":
         return ddpm_step(x, x0, *co, z)
     if sampler == "ddim":
@@ -392,6 +496,7 @@ def run_sampler(
     sampler: str = "ddim",  # the step rule, one of SAMPLERS
     eta: float = 0.0,  # DDIM's η in [0, 1]
     *,
+    order: int | None = None,  # UniPC's predictor order, one of UNIPC_ORDERS; None: 2
     variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES
     generator: torch.Generator | None = None,  # source of the per-step noise
     hook: Callable | None = None,  # hook(i, t, x, x̂_0) -> new x̂_0 or None
@@ -405,6 +510,8 @@ def run_sampler(
     (eq-sampling-dpmpp3m) (Ho et al. 2020, Alg. 2; Song et al. 2021, Eq. 12; Lu et al. 2022,
     Alg. 2)."""
     S, N = spaced.num_timesteps, len(x_T)
+    order = DEFAULT_ORDER[sampler] if order is None else order
+    check_choice(order, ORDERS[check_choice(sampler, SAMPLERS, "sampler")], "order")
     bs = batch_size or N
     chunks = [slice(lo, lo + bs) for lo in range(0, N, bs)]
     kws = [
@@ -418,6 +525,7 @@ def run_sampler(
     c1, c2 = spaced.posterior_mean_coef1.tolist(), spaced.posterior_mean_coef2.tolist()
     std = _ddpm_std(spaced, variance)
     xs, hists = [x_T[c] for c in chunks], [[] for _ in chunks]
+    lasts = [None for _ in chunks]  # UniPC: (x_s, x̂_0 at s, ᾱ_s, order) of the last step
     traj = ([x_T], []) if return_trajectory else None
     with tqdm(
         total=S * len(chunks), disable=not progress, desc=f"{sampler}, {S} steps"
@@ -433,6 +541,10 @@ def run_sampler(
                 new = hook(i, t, x, x0) if hook is not None else None
                 if new is not None:
                     x0, eps = new, denoiser.eps_from_x0(x, t, new)
+                if sampler == "unipc" and lasts[k] is not None:  # Eq. (eq-sampling-unic)
+                    xl, x0l, abl, pl = lasts[k]
+                    x = unipc_correct(xl, x0l, abl, x, x0, ab[i], hists[k][-2::-1], pl)
+                    xs[k] = x
                 s_i = std[i]
                 if sampler == "ddpm" and var_values is not None and i > 0:
                     ii = torch.full((len(x),), i, device=x.device)
@@ -451,8 +563,12 @@ def run_sampler(
                     ab,
                     (c1[i], c2[i], s_i),
                     eta,
+                    order,
                 )
-                hists[k] = (hists[k] + [(x0, ab[i])])[-2:]
+                if sampler == "unipc":
+                    p = min(order, len(hists[k]) + 1, 2 if i == 1 and S < LOWER_ORDER_FINAL else 3)
+                    lasts[k] = (x, x0, ab[i], p)
+                hists[k] = (hists[k] + [(x0, ab[i])])[-3:]
                 x0s.append(x0)
                 bar.update()
             if traj is not None:
@@ -497,11 +613,36 @@ def _device_for(model, device):
 
 
 DEFAULT_SPACING = {
-    "ddpm": "logsnr",
-    "ddim": "logsnr",
+    "ddpm": "leading",  # measured best for the one-step-per-level samplers (benchmark)
+    "ddim": "leading",
     "dpmpp2m": "logsnr",
     "dpmpp3m": "logsnr",
+    "unipc": "logsnr",
 }
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
+
+
+def default_discretisation(
+    schedule: NoiseSchedule,  # the model's schedule
+    sampler: str,  # one of SAMPLERS
+    steps: int | None,  # S, or None: all the spacing allows
+    prediction: str = "eps",  # the model's prediction type
+) -> tuple[str, float]:  # (spacing, sigma_max) that `sample` uses when spacing=None
+    """DEFAULT_SPACING[sampler] where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max),
+    else 'logsnr' (else, for more steps than it has, 'leading'); sigma_max = SIGMA_MAX_EPS for an
+    ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
+    sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
+    abar = schedule.alphas_cumprod
+    allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
+    spacing = DEFAULT_SPACING[sampler]
+    ok = isinstance(steps, (int, np.integer)) and 1 <= steps <= len(schedule)
+    if spacing == "leading" and ok:
+        ab_first = float(abar[(steps - 1) * (len(schedule) // steps)])
+        ok = 1 / (1 + sigma_max**2) <= ab_first <= 0.05
+    if not ok:
+        lam_ok = steps is None or isinstance(steps, (int, np.integer)) and steps <= allowed
+        spacing = "logsnr" if lam_ok else "leading"
+    return spacing, sigma_max
 
 
 def _check_sample_args(
@@ -516,21 +657,18 @@ def _check_sample_args(
     batch_size,
     model_kwargs,
     hook,
+    prediction="eps",
 ):
-    "Validate what `Denoiser` does not; return the respaced schedule and the shape as a tuple."
+    """Validate what `Denoiser` does not; return the respaced schedule and the shape as a tuple.
+    An ε-model's λ-based spacings stop at σ/α = SIGMA_MAX_EPS, Eq. (eq-sampling-eps-amp)."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
         )
     check_choice(sampler, SAMPLERS, "sampler")
-    allowed = int((schedule.alphas_cumprod >= 1 / (1 + SIGMA_MAX**2)).sum())
-    if (
-        spacing is None
-    ):  # the sampler's default; more steps than σ/α <= 80 holds: all steps
-        lam_ok = (
-            steps is None or isinstance(steps, (int, np.integer)) and steps <= allowed
-        )
-        spacing = DEFAULT_SPACING[sampler] if lam_ok else "leading"
+    default, sigma_max = default_discretisation(schedule, sampler, steps, prediction)
+    allowed = int((schedule.alphas_cumprod >= 1 / (1 + sigma_max**2)).sum())
+    spacing = default if spacing is None else spacing
     check_choice(spacing, SPACINGS, "spacing")
     check_choice(variance, VARIANCES, "variance")
     if check_number(eta, "eta", 0, 1) and sampler != "ddim":
@@ -557,12 +695,36 @@ def _check_sample_args(
         raise ValueError("hook must be callable or None")
     if steps is None:
         steps = allowed if spacing in ("logsnr", "edm") else len(schedule)
-    spaced = respace(schedule, steps, spacing)
+    spaced = respace(schedule, steps, spacing, sigma_max)
     return spaced, shape
 
 
-def _check_start(spaced, prediction):
-    "Refuse a start where x_T ~ N(0, I) cannot be right; warn where it is poor."
+def _same_device(a, b):
+    "Whether torch devices a and b are the same (an index left out matches any)."
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_devices(dev, noise, generator, model_kwargs):
+    "Tensors must be on the sampling device `dev`; a generator there or on the CPU."
+    if noise is not None and not _same_device(noise.device, dev):
+        raise ValueError(f"noise is on {noise.device} but sampling runs on {dev}; move it")
+    if generator is not None:
+        if not (generator.device.type == "cpu" or _same_device(generator.device, dev)):
+            raise ValueError(
+                f"generator is on {generator.device} but sampling runs on {dev}; use a generator "
+                "there or on the CPU"
+            )
+    for k, v in (model_kwargs or {}).items():
+        if isinstance(v, torch.Tensor) and not _same_device(v.device, dev):
+            raise ValueError(f"model_kwargs[{k!r}] is on {v.device} but sampling runs on {dev}")
+    if noise is not None:
+        check_tensor(noise, "noise", finite=True)  # one host sync, before the loop
+
+
+def _check_start(spaced, prediction, clipped=False):
+    """Refuse a start where x_T ~ N(0, I) cannot be right; warn where it is poor, and where an
+    unclipped ε-model's first x̂_0 (σ/α × its ε error, Eq. eq-sampling-eps-amp) is the sample."""
     abar = float(spaced.original_alphas_cumprod[-1])
     if prediction == "eps" and abar == 0:
         raise ValueError(
@@ -579,6 +741,14 @@ def _check_start(spaced, prediction):
         raise ValueError(f"steps/spacing: {msg}")
     if abar > 0.05:
         warnings.warn(msg, SamplingWarning, stacklevel=3)
+    if prediction == "eps" and spaced.num_timesteps <= 2 and not clipped:
+        warnings.warn(
+            f"steps={spaced.num_timesteps} with an ε-model: the sample is essentially x̂_0 at "
+            f"σ/α = {math.sqrt((1 - abar) / abar):.3g}, which carries that multiple of the "
+            "model's ε error; use steps >= 5, clip_denoised=True for images, or an x0/v model",
+            SamplingWarning,
+            stacklevel=3,
+        )
 
 # %% ../nbs/12_sampling.ipynb #266b8fcf
 @torch.no_grad()
@@ -606,6 +776,7 @@ def sample(
     hook: Callable | None = None,  # hook(i, t, x, x̂_0) -> new x̂_0 or None, every step
     y: torch.Tensor | None = None,  # [N] class labels of a class-conditional model
     guidance: float = 0.0,  # classifier-free guidance weight w >= 0 (with y); see chapter 30
+    order: int | None = None,  # UniPC's predictor order (1, 2, 3); None: 2
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] (and the Trajectory)
     """Draw N samples: `Denoiser` + `respace` + `run_sampler` in one call, bit for bit,
     Eqs. (eq-sampling-ddpm)-(eq-sampling-dpmpp3m); with y (and guidance), class-conditional."""
@@ -620,7 +791,8 @@ def sample(
                              clip_denoised=clip_denoised, threshold=threshold, noise=noise,
                              generator=generator, batch_size=batch_size,
                              return_trajectory=return_trajectory, progress=progress,
-                             device=device, dtype=dtype, hook=hook)
+                             device=device, dtype=dtype, hook=hook,
+                             **({} if order is None else {"order": order}))
     spaced, shape = _check_sample_args(
         schedule,
         shape,
@@ -633,13 +805,17 @@ def sample(
         batch_size,
         model_kwargs,
         hook,
+        prediction,
     )
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a real floating dtype, one of {DTYPES}, got {dtype}")
     learned = variance == "learned_range"
     # a model trained on (or distilled to) a SpacedSchedule still sees the original code t
     root = getattr(schedule, "parent", schedule)
     denoiser = Denoiser(model, root, prediction, clip_denoised, threshold, learned)
-    _check_start(spaced, prediction)
+    _check_start(spaced, prediction, clip_denoised or threshold is not None)
     dev = _device_for(model, device)
+    _check_devices(dev, noise, generator, model_kwargs)
     if noise is None:
         noise = torch.randn(
             shape,
@@ -660,4 +836,5 @@ def sample(
         batch_size=batch_size,
         return_trajectory=return_trajectory,
         progress=progress,
+        order=order,
     )
