@@ -1,12 +1,18 @@
 """Screenshot every page of the built book with headless Chromium and measure what a reader sees.
 
     python scripts/screenshot_book.py [--html _build/html] [--out _build/screens] [--width 1280] [--strict]
+                                      [--no-shots] [--only NAME ...] [--self-test]
 
 Needs a Chromium (Debian: `apt-get install chromium`) and the `playwright` Python package
 (`pip install playwright`; no browser download: the system Chromium is used). For each page it writes
 a full-page PNG and records display equations wider than their column, code blocks that scroll
 sideways, tables wider than their box and stderr blocks into `report.json`; `--strict` exits 1 if any
-equation is cut off or any stderr block is shown. `make screens` runs it on `_build/html`.
+equation is cut off or any stderr block is shown. An equation is cut off when its typeset width (the
+`mjx-math` box, or the container's scrollWidth) exceeds its `mjx-container`'s width, which is the
+column's minus the equation number; `--self-test` typesets a 60-term and a 3-term equation into a page
+and exits 1 unless exactly the wide one is flagged. Code lines over 88 characters and blocks that
+scroll sideways are counted only in code a reader sees (not in collapsed `hide-input` cells).
+`make screens` runs the self-test, then the strict check on `_build/html`.
 """
 import argparse
 import json
