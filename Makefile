@@ -57,7 +57,8 @@ pytest-nbval: pytest
 	$(MAKE) nbval
 
 screens:                   ## screenshot every page of _build/html and measure over-wide maths (needs chromium + playwright)
-	$(PY) scripts/screenshot_book.py --html _build/html --out _build/screens
+	$(PY) scripts/screenshot_book.py --html _build/html --self-test
+	$(PY) scripts/screenshot_book.py --html _build/html --out _build/screens --strict
 
 wheel: install             ## sdist + wheel into dist/
 	rm -rf dist build
