@@ -22,7 +22,9 @@ from .guidance import guided_sample
 from .inverse import METHODS, image_task, inpaint, super_resolve
 from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
-from .training import LOSSES, TrainConfig, load_checkpoint, load_trained, train
+from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
+                                       check_state, ema_start_weight, ema_warmed_up,
+                                       load_checkpoint, load_trained, train)
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
@@ -56,18 +58,39 @@ def _add_model_options(p, n_default: int, models: str):
         default=None,
         help="samples per network call (default: all at once)",
     )
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                   help="--checkpoint's EMA or raw weights (default: auto, the EMA once it has "
+                        "warmed up, else the raw ones with a note)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pick_weights(args, ck) -> tuple[bool, str]:
+    "(True for the EMA weights, a note): --weights, or (auto) the EMA once it has warmed up."
+    if args.weights != "auto":
+        return args.weights == "ema", ""
+    cfg, steps = check_config(ck), check_state(ck, ("step",))["step"]
+    if ema_warmed_up(cfg, steps):
+        return True, ""
+    return False, (f"note: the EMA of this {steps}-step run still weighs its first weights by "
+                   f"{ema_start_weight(cfg, steps):.0%}; sampling the raw weights (--weights ema "
+                   "to override)")
 
 
 def _load_model(args):
     """(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or
     --checkpoint."""
     if args.pretrained is not None:
+        if getattr(args, "weights", "auto") == "raw":
+            raise ValueError("--weights raw needs --checkpoint; shipped models hold EMA weights")
         model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
         info = pretrained.card(args.pretrained)
     else:
-        model, cfg = load_trained(args.checkpoint, device=args.device)
-        info = load_checkpoint(args.checkpoint)["state"]
+        ck = load_checkpoint(args.checkpoint)
+        ema, note = _pick_weights(args, ck) if hasattr(args, "weights") else (True, "")
+        model, cfg = load_trained(ck["path"], ema=ema, device=args.device)
+        info = check_state(ck)
+        if note:
+            print(note, file=sys.stderr)
         schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
@@ -151,6 +174,8 @@ def _sample_command(args) -> int:
     model, schedule, cfg, shape, K = _load_model(args)
     labels = _labels(args, K)
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, labels=labels)
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("the samples hold NaN or infinite values; nothing written")
     _save_png(x, args.out, rows=K if args.label == "all" else None)
     if args.npy:
         np.save(args.npy, x.numpy())
@@ -351,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
 def _train_command(args) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     trainer = train(args.out, resume=args.resume, progress=not args.quiet, **overrides)
@@ -373,6 +400,30 @@ _COMMANDS = {
 }
 
 
+def _one_line(e: BaseException) -> str:
+    "An exception's message on one line, without any hint to load files unsafely."
+    sentences = " ".join(str(e).split()).split(". ")
+    return ". ".join(s for s in sentences if "weights_only" not in s)[:500]
+
+
+def _check_device(device: str | None):
+    "Refuse, naming --device, a device that cannot train or sample here (meta, a bad name...)."
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but CUDA is not available here; use auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device} but MPS is not available here; use auto or cpu")
+
+
 def main(
     argv: list[str] | None = None,  # the arguments after the program name; None: sys.argv[1:]
 ) -> int:  # the exit status
@@ -382,24 +433,23 @@ def main(
     if args.command is None:  # a bare `simple-diffusion`: say what it can do
         parser.print_help(sys.stderr)
         return 2
+    name = f"simple-diffusion {args.command}"
     try:
+        _check_device(getattr(args, "device", None))
         return _COMMANDS[args.command](args)
-    except (
-        ValueError,
-        OSError,
-        FloatingPointError,
-    ) as e:  # user errors: values, files, divergence
-        print(
-            f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}",
-            file=sys.stderr,
-        )
+    except (ValueError, OSError, FloatingPointError) as e:  # user errors: values, files, divergence
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""
+        print(f"{name}: {e}{where}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print(
-            f"simple-diffusion {args.command}: interrupted; continue with --resume",
-            file=sys.stderr,
-        )
+        print(f"{name}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else: still one line, never a traceback
+        print(f"{name}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -128,17 +128,22 @@ class _Scalar(nn.Module):
         return self.w * x
 
 
-def test_ema_is_the_hand_recursion():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_is_the_hand_recursion(warmup):
     decay = 0.7
-    tr = Trainer(tiny(steps=15, lr=0.05, warmup=1, ema_decay=decay), model=_Scalar(), data=(MOONS.double(), None))
+    tr = Trainer(tiny(steps=15, lr=0.05, warmup=1, ema_decay=decay, ema_warmup=warmup), model=_Scalar(),
+                 data=(MOONS.double(), None))
     raw, ema = [], []
     for _ in range(15):
         tr.train_step(); raw.append(float(tr.model.w.detach())); ema.append(float(tr.ema.module.w.detach()))
     hand = [raw[0]]                                                       # θ̄_1 = θ_1
-    for r in raw[1:]:
-        hand.append(decay * hand[-1] + (1 - decay) * r)                   # θ̄_k = β θ̄_{k-1} + (1-β) θ_k
+    for k, r in enumerate(raw[1:], start=2):
+        b = min(decay, k / (k + 9)) if warmup else decay                  # diffusers' EMAModel: (1+t)/(10+t), t = k-1
+        hand.append(b * hand[-1] + (1 - b) * r)                           # θ̄_k = β_k θ̄_{k-1} + (1-β_k) θ_k
     np.testing.assert_allclose(ema, hand, rtol=0, atol=1e-12)
     assert abs(ema[-1] - raw[-1]) > 1e-4                                  # the average lags the raw weight
+    assert training.ema_start_weight(tr.config, 15) == pytest.approx(
+        math.prod(min(decay, k / (k + 9)) if warmup else decay for k in range(2, 16)), rel=1e-12)
 
 
 def test_warmup_and_clipping():
@@ -273,7 +278,7 @@ def test_missing_and_mismatched_checkpoints(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="latest"):
         load_checkpoint(tmp_path / "run")
     (tmp_path / "run" / "latest").write_text("../../elsewhere")
-    with pytest.raises(CheckpointError, match="latest.*not a checkpoint name"):
+    with pytest.raises(CheckpointError, match="latest.*not hold a checkpoint name"):
         load_checkpoint(tmp_path / "run")
     Trainer(tiny(steps=2), tmp_path / "r2", data=(MOONS, None)).fit(progress=False)
     wider = Trainer(tiny(steps=2, model_kwargs={"hidden": 32, "depth": 1}), data=(MOONS, None))
