@@ -218,3 +218,103 @@ def test_no_traceback_in_a_real_process(run, tmp_path):
     for args in (sample_args(run, tmp_path), ["train", "--data", "moons", "--device", "meta", "--out", tmp_path / "m"]):
         r = subprocess.run([*exe, *map(str, args)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- interruptions
+
+EXE = str(Path(sys.executable).parent / "simple-diffusion")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CFG = dict(data="moons", batch_size=16, model_kwargs={"hidden": 8, "depth": 1}, device="cpu", seed=3, warmup=3)
+# a lighter process than the CLI (whose imports take longer): train() with CFG, steps and intervals from argv
+SCRIPT = ("import sys, json; from simple_diffusion.training import train; "
+          "train(sys.argv[1], resume=sys.argv[2] == '1', progress=False, steps=int(sys.argv[3]), log_every=2, "
+          "ckpt_every=2, **({} if sys.argv[2] == '1' else json.loads(sys.argv[4])))")
+
+
+def start(out, steps, resume=False):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), "1" if resume else "0", str(steps), json.dumps(CFG)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def wait_for_progress(proc, log, after_lines, timeout=180):
+    "Block until log.jsonl has more than `after_lines` lines (training is under way) or the process ends."
+    import time
+    t0 = time.monotonic()
+    while proc.poll() is None and time.monotonic() - t0 < timeout:
+        if log.is_file() and len(log.read_text().splitlines()) > after_lines:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def same_checkpoints(a, b):
+    ca, cb = load_checkpoint(a), load_checkpoint(b)
+    assert ca["state"]["step"] == cb["state"]["step"]
+    for part in ("model", "ema"):
+        assert ca[part].keys() == cb[part].keys()
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), (part, k)
+    assert torch.equal(ca["state"]["history"], cb["state"]["history"])
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_checkpoints_then_stops_and_resume_is_bit_exact(tmp_path, sig, one_thread):
+    import signal
+    import threading
+    from simple_diffusion.training import TrainingInterrupted
+    tr = Trainer(TrainConfig(**CFG, steps=10**6, log_every=5, ckpt_every=10**5), tmp_path / "run")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), getattr(signal, sig)))
+    timer.start()
+    with pytest.raises(TrainingInterrupted) as e:
+        tr.fit(progress=False)
+    timer.join()
+    n = e.value.step
+    assert n >= 1 and e.value.checkpoint.name == f"ckpt-{n:08d}" and sig in str(e.value)
+    assert signal.getsignal(getattr(signal, sig)) is not None                # the handler is restored
+    resumed = train(tmp_path / "run", resume=True, progress=False, steps=n + 5)
+    whole = train(tmp_path / "whole", progress=False, **CFG, steps=n + 5)
+    assert resumed.step == whole.step == n + 5 and resumed.history == whole.history
+    same_checkpoints(tmp_path / "run", tmp_path / "whole")
+
+
+@pytest.mark.slow
+def test_sigterm_through_the_cli(tmp_path):
+    import signal
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", str(10**6), "--data", "moons", "--batch-size", "16", "--model-kwargs",
+            '{"hidden": 8, "depth": 1}', "--device", "cpu", "--log-every", "5", "--ckpt-every", "100000", "--quiet"]
+    proc = subprocess.Popen([EXE, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    assert wait_for_progress(proc, out / "log.jsonl", 0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert len(err.strip().splitlines()) == 1 and "SIGTERM" in err and "--resume" in err and "Traceback" not in err, err
+    n = load_checkpoint(out)["state"]["step"]
+    assert n >= 5 and f"ckpt-{n:08d}" in err
+    load_trained(out)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_around_checkpoint_writes(tmp_path, one_thread):
+    import random
+    import signal
+    import time
+    rng, out, last = random.Random(0), tmp_path / "run", 0
+    proc = start(out, 10**6)                                            # a checkpoint every 2 steps: kills land in saves
+    for kill in range(5):
+        lines = len((out / "log.jsonl").read_text().splitlines()) if (out / "log.jsonl").is_file() else 0
+        assert wait_for_progress(proc, out / "log.jsonl", lines), proc.communicate()[1]
+        time.sleep(rng.uniform(0, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        ck = load_checkpoint(out)                                       # the previous checkpoint always loads
+        load_trained(out)
+        assert ck["state"]["step"] >= last
+        last = ck["state"]["step"]
+        if kill < 4:
+            proc = start(out, 10**6, resume=True)
+    final = last + 4
+    resumed = train(out, resume=True, progress=False, steps=final)
+    whole = train(tmp_path / "whole", progress=False, **CFG, steps=final, log_every=2, ckpt_every=2)
+    assert resumed.history == whole.history
+    same_checkpoints(out, tmp_path / "whole")
