@@ -124,3 +124,21 @@ def test_evaluate_bad_input_is_one_line(capsys, args, word):
     except SystemExit as e: status = e.code
     err = capsys.readouterr().err.strip()
     assert status != 0 and len(err.splitlines()) == 1 and word in err, err
+
+
+def test_weights_auto_uses_raw_until_the_ema_has_warmed_up(tmp_path, capsys):
+    common = ["--data", "moons", "--steps", "5", "--device", "cpu", "--quiet", "--prediction", "x0",
+              "--num-timesteps", "100", "--model-kwargs", '{"hidden": 8, "depth": 1}']
+    assert main(["train", "--out", str(tmp_path / "cold"), "--no-ema-warmup", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "warm"), *common]) == 0
+    capsys.readouterr()
+    draw = lambda run, *a: main(["sample", "--checkpoint", str(tmp_path / run), "--out", str(tmp_path / f"{run}.png"),
+                                 "--n", "4", "--steps", "2", "--device", "cpu", "--quiet", *a])
+    assert draw("cold") == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("note:") and "raw weights" in err and "--weights ema" in err
+    assert draw("cold", "--weights", "ema") == 0 and capsys.readouterr().err == ""
+    assert draw("warm") == 0 and capsys.readouterr().err == ""            # 5 warm-up steps: first weights 0.5 %
+    assert main(["sample", "--pretrained", "gmm8", "--weights", "raw", "--out", str(tmp_path / "p.png")]) == 1
+    assert "--weights raw" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "warm")["config"]["ema_warmup"] is True   # recorded in the config
