@@ -132,6 +132,10 @@ def _add_sample_parser(sub):
     s.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w >= 0 (Ho & Salimans; diffusers' "
                         "guidance_scale = 1 + w) (default: 0)")
+    s.add_argument("--scale", type=int, default=None,
+                   help="enlarge each pixel of an image grid this many times (default: to >= 512 px)")
+    s.add_argument("--labels", action="store_true",
+                   help="write each sample's class label on its tile (with --class)")
 
 
 def _labels(args, K):
@@ -151,19 +155,50 @@ def _labels(args, K):
     return torch.full((args.n,), int(args.label))
 
 
-def _save_png(x: torch.Tensor, path: str, rows: int | None = None):
-    "A grid of images (`rows` rows of consecutive samples, if given), or a 2-D scatter plot."
-    if x.ndim == 4:
-        from matplotlib.image import imsave
-        grid = make_grid(x, nrow=len(x) // rows if rows else math.ceil(math.sqrt(len(x))))
-        imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+def _save_png(x: torch.Tensor, path: str, rows: int | None = None, scale: int | None = None,
+              labels: list[str] | None = None):
+    """A grid of images (`rows` rows of consecutive samples, if given) as a grayscale or RGB PNG,
+    enlarged `scale` times (default: to at least 512 px) and with an optional label per tile; or a
+    2-D scatter plot with quantile-based limits and an equal aspect."""
+    from PIL import Image, ImageDraw
+    if scale is not None and scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {scale}")
+    if x.ndim != 4:
+        _save_scatter(x, path)
         return
+    nrow = len(x) // rows if rows else math.ceil(math.sqrt(len(x)))
+    grid = make_grid(x, nrow=nrow)
+    k = scale or max(1, math.ceil(512 / max(grid.shape[:2])))
+    img = np.repeat(np.repeat((grid * 255).round().astype(np.uint8), k, 0), k, 1)
+    pic = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img[..., :3])
+    if labels is not None:
+        pic = pic.convert("RGB")
+        draw = ImageDraw.Draw(pic)
+        H, W = x.shape[2:]
+        for n, text in enumerate(labels):
+            r, c = divmod(n, nrow)
+            draw.text(((1 + c * (W + 1)) * k + 2, (1 + r * (H + 1)) * k + 1), text, fill=(255, 64, 64))
+    pic.save(path)
+
+
+def _save_scatter(x: torch.Tensor, path: str):
+    "A scatter plot of 2-D samples; axes span the 0.5–99.5 % quantiles, so outliers cannot shrink it."
+    import io
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(4, 4))
+    from PIL import Image
+    x = x[torch.isfinite(x).all(1)].double().numpy()
+    lo, hi = np.quantile(x, 0.005, 0), np.quantile(x, 0.995, 0)
+    mid, half = (lo + hi) / 2, float((hi - lo).max()) * 0.55 + 1e-6  # one span: equal aspect
+    fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-    ax.set_aspect("equal")
-    fig.savefig(path, dpi=100)
+    ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
+    ax.set(xlim=(mid[0] - half, mid[0] + half), ylim=(mid[1] - half, mid[1] + half), aspect="equal")
+    outside = int((np.abs(x - mid) > half).sum())
+    ax.set_title(f"{len(x)} samples" + (f" ({outside} coordinates outside the axes)" if outside else ""),
+                 fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=150, format="png")
+    Image.open(io.BytesIO(buf.getvalue())).convert("RGB").save(path)
 
 
 def _sample_command(args) -> int:
@@ -176,7 +211,10 @@ def _sample_command(args) -> int:
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, labels=labels)
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError("the samples hold NaN or infinite values; nothing written")
-    _save_png(x, args.out, rows=K if args.label == "all" else None)
+    if args.labels and labels is None:
+        raise ValueError("--labels needs --class (a label, or all)")
+    text = [str(int(v)) for v in labels] if args.labels else None
+    _save_png(x, args.out, rows=K if args.label == "all" else None, scale=args.scale, labels=text)
     if args.npy:
         np.save(args.npy, x.numpy())
     also = f" and {args.npy}" if args.npy else ""
