@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -30,6 +31,12 @@ from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #284a1fdb
+def _add_threads_option(p):
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: 1, fastest for this package's small models; "
+                        "$OMP_NUM_THREADS if set)")
+
+
 def _add_model_options(p, n_default: int, models: str):
     "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
     src = p.add_mutually_exclusive_group(required=True)
@@ -58,6 +65,7 @@ def _add_model_options(p, n_default: int, models: str):
         default=None,
         help="samples per network call (default: all at once)",
     )
+    _add_threads_option(p)
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
                    help="--checkpoint's EMA or raw weights (default: auto, the EMA once it has "
                         "warmed up, else the raw ones with a note)")
@@ -406,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its latest checkpoint",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_option(t)
     _add_sample_parser(sub)
     _add_evaluate_parser(sub)
     _add_inverse_parser(sub, "inpaint")
@@ -444,6 +453,15 @@ def _one_line(e: BaseException) -> str:
     return ". ".join(s for s in sentences if "weights_only" not in s)[:500]
 
 
+def _set_threads(n: int | None):
+    "torch's intra-op threads: --threads, else $OMP_NUM_THREADS if set, else 1 (small models)."
+    if n is not None and n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    if n is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    torch.set_num_threads(n or 1)
+
+
 def _check_device(device: str | None):
     "Refuse, naming --device, a device that cannot train or sample here (meta, a bad name...)."
     if device is None or device == "auto":
@@ -474,6 +492,7 @@ def main(
     name = f"simple-diffusion {args.command}"
     try:
         _check_device(getattr(args, "device", None))
+        _set_threads(getattr(args, "threads", None))
         return _COMMANDS[args.command](args)
     except (ValueError, OSError, FloatingPointError) as e:  # user errors: values, files, divergence
         print(f"{name}: error: {_one_line(e)}", file=sys.stderr)

@@ -190,3 +190,16 @@ def test_labels_option_needs_a_class(tmp_path, capsys):
     assert main(["sample", "--pretrained", "digits", "--labels", "--n", "4", "--steps", "2", "--device", "cpu",
                  "--out", str(tmp_path / "x.png"), "--quiet"]) == 1
     assert "--labels" in capsys.readouterr().err
+
+
+def test_threads_default_to_one_and_are_checked(tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        args = ["train", "--data", "moons", "--steps", "1", "--device", "cpu", "--quiet", "--model-kwargs", '{"hidden": 8}']
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0 and torch.get_num_threads() == 1
+        assert main([*args, "--out", str(tmp_path / "b"), "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+        assert main([*args, "--out", str(tmp_path / "c"), "--threads", "0"]) == 1
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
