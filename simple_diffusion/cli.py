@@ -251,8 +251,10 @@ def _evaluate_command(args) -> int:
     model, schedule, cfg, shape, _ = _load_model(args)
     if shape != (1, 8, 8):
         raise ValueError(
-            "evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), "
-            f"this one has data shape {shape}"
+            "evaluate scores 8×8 one-channel digits (data shape (1, 8, 8)) with the features of "
+            f"the shipped digits classifier; this model's data shape is {shape}. Inception "
+            "features for other images would need torchvision and downloaded weights (not "
+            "available offline): save samples with `sample --npy` and score them with your tool"
         )
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
     scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
