@@ -33,7 +33,8 @@ __all__ = ['build_parser', 'main']
 # %% ../nbs/14_cli.ipynb #284a1fdb
 def _add_threads_option(p):
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op CPU threads (default: 1, fastest for this package's small models; "
+                   help="intra-op CPU threads (default: 1, fastest for this package's small "
+                        "models; "
                         "$OMP_NUM_THREADS if set)")
 
 
@@ -141,7 +142,8 @@ def _add_sample_parser(sub):
                    help="classifier-free guidance weight w >= 0 (Ho & Salimans; diffusers' "
                         "guidance_scale = 1 + w) (default: 0)")
     s.add_argument("--scale", type=int, default=None,
-                   help="enlarge each pixel of an image grid this many times (default: to >= 512 px)")
+                   help="enlarge each pixel of an image grid this many times "
+                        "(default: to >= 512 px)")
     s.add_argument("--labels", action="store_true",
                    help="write each sample's class label on its tile (with --class)")
 
@@ -185,12 +187,13 @@ def _save_png(x: torch.Tensor, path: str, rows: int | None = None, scale: int | 
         H, W = x.shape[2:]
         for n, text in enumerate(labels):
             r, c = divmod(n, nrow)
-            draw.text(((1 + c * (W + 1)) * k + 2, (1 + r * (H + 1)) * k + 1), text, fill=(255, 64, 64))
+            xy = ((1 + c * (W + 1)) * k + 2, (1 + r * (H + 1)) * k + 1)
+            draw.text(xy, text, fill=(255, 64, 64))
     pic.save(path)
 
 
 def _save_scatter(x: torch.Tensor, path: str):
-    "A scatter plot of 2-D samples; axes span the 0.5–99.5 % quantiles, so outliers cannot shrink it."
+    "2-D samples as a scatter plot; the axes span the 0.5–99.5 % quantiles, not the outliers."
     import io
     from matplotlib.figure import Figure
     from PIL import Image
@@ -202,8 +205,8 @@ def _save_scatter(x: torch.Tensor, path: str):
     ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
     ax.set(xlim=(mid[0] - half, mid[0] + half), ylim=(mid[1] - half, mid[1] + half), aspect="equal")
     outside = int((np.abs(x - mid) > half).sum())
-    ax.set_title(f"{len(x)} samples" + (f" ({outside} coordinates outside the axes)" if outside else ""),
-                 fontsize=9)
+    note = f" ({outside} coordinates outside the axes)" if outside else ""
+    ax.set_title(f"{len(x)} samples{note}", fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=150, format="png")
     Image.open(io.BytesIO(buf.getvalue())).convert("RGB").save(path)

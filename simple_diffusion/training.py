@@ -392,7 +392,8 @@ def _is_int(v, lo: int, hi: int) -> bool:
 
 
 _STATE_CHECKS = {  # key: (test, what it must be); the sampling keys first
-    "data_shape": (lambda v: _check_data_shape(v, "data_shape") is not None, "1 to 3 positive ints"),
+    "data_shape": (lambda v: _check_data_shape(v, "data_shape") is not None,
+                   "1 to 3 positive ints"),
     "num_classes": (lambda v: v is None or _is_int(v, 1, MAX_CLASSES), f"None or 1..{MAX_CLASSES}"),
     "step": (lambda v: _is_int(v, 0, 2**62), "an int >= 0"),
     "history": (lambda v: isinstance(v, torch.Tensor) and v.ndim == 1 and v.is_floating_point(),
@@ -401,7 +402,8 @@ _STATE_CHECKS = {  # key: (test, what it must be); the sampling keys first
                        and not v.is_floating_point() and int(v) >= 0, "a count >= 0"),
     "optimizer": (lambda v: isinstance(v, dict), "a dict"),
     "lr_scheduler": (lambda v: isinstance(v, dict), "a dict"),
-    "rng": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of dicts"),
+    "rng": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+            "a list of dicts"),
 }
 
 
@@ -435,7 +437,8 @@ def check_config(ck: dict) -> TrainConfig:
     try:
         return TrainConfig.from_dict(ck["config"])
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{ck['path'] / 'config.json'}: not a valid TrainConfig ({e})") from None
+        cfile = ck["path"] / "config.json"
+        raise CheckpointError(f"{cfile}: not a valid TrainConfig ({e})") from None
 
 
 def build_checkpoint_model(
