@@ -13,14 +13,14 @@ CLI = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", 
 
 
 def small(args):
-    "The same command with 2 steps (training and sampling) and at most 40 samples."
+    "The same command with 2 steps (training and sampling) and at most 100 samples."
     out, it = [], iter(args)
     for a in it:
         out.append(a)
         if a == "--steps":
             out.append("2"); next(it)
         elif a == "--n":
-            out.append(str(min(int(next(it)), 40)))
+            out.append(str(min(int(next(it)), 100)))   # evaluate: N > 64 features
     return out + (["--quiet", "--device", "cpu"] if args[0] in ("train", "sample", "evaluate") else [])
 
 
