@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from dataclasses import MISSING, fields
@@ -22,12 +23,21 @@ from .guidance import guided_sample
 from .inverse import METHODS, image_task, inpaint, super_resolve
 from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
-from .training import LOSSES, TrainConfig, load_checkpoint, load_trained, train
+from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
+                                       check_state, ema_start_weight, ema_warmed_up,
+                                       load_checkpoint, load_trained, train)
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #284a1fdb
+def _add_threads_option(p):
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op CPU threads (default: 1, fastest for this package's small "
+                        "models; "
+                        "$OMP_NUM_THREADS if set)")
+
+
 def _add_model_options(p, n_default: int, models: str):
     "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
     src = p.add_mutually_exclusive_group(required=True)
@@ -56,18 +66,40 @@ def _add_model_options(p, n_default: int, models: str):
         default=None,
         help="samples per network call (default: all at once)",
     )
+    _add_threads_option(p)
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                   help="--checkpoint's EMA or raw weights (default: auto, the EMA once it has "
+                        "warmed up, else the raw ones with a note)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _pick_weights(args, ck) -> tuple[bool, str]:
+    "(True for the EMA weights, a note): --weights, or (auto) the EMA once it has warmed up."
+    if args.weights != "auto":
+        return args.weights == "ema", ""
+    cfg, steps = check_config(ck), check_state(ck, ("step",))["step"]
+    if ema_warmed_up(cfg, steps):
+        return True, ""
+    return False, (f"note: the EMA of this {steps}-step run still weighs its first weights by "
+                   f"{ema_start_weight(cfg, steps):.0%}; sampling the raw weights (--weights ema "
+                   "to override)")
 
 
 def _load_model(args):
     """(model, schedule, TrainConfig, data shape, number of classes) from --pretrained or
     --checkpoint."""
     if args.pretrained is not None:
+        if getattr(args, "weights", "auto") == "raw":
+            raise ValueError("--weights raw needs --checkpoint; shipped models hold EMA weights")
         model, schedule, cfg = pretrained.load(args.pretrained, device=args.device)
         info = pretrained.card(args.pretrained)
     else:
-        model, cfg = load_trained(args.checkpoint, device=args.device)
-        info = load_checkpoint(args.checkpoint)["state"]
+        ck = load_checkpoint(args.checkpoint)
+        ema, note = _pick_weights(args, ck) if hasattr(args, "weights") else (True, "")
+        model, cfg = load_trained(ck["path"], ema=ema, device=args.device)
+        info = check_state(ck)
+        if note:
+            print(note, file=sys.stderr)
         schedule = NoiseSchedule.from_name(cfg.schedule, cfg.num_timesteps)
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
@@ -109,6 +141,11 @@ def _add_sample_parser(sub):
     s.add_argument("--guidance", type=float, default=0.0,
                    help="classifier-free guidance weight w >= 0 (Ho & Salimans; diffusers' "
                         "guidance_scale = 1 + w) (default: 0)")
+    s.add_argument("--scale", type=int, default=None,
+                   help="enlarge each pixel of an image grid this many times "
+                        "(default: to >= 512 px)")
+    s.add_argument("--labels", action="store_true",
+                   help="write each sample's class label on its tile (with --class)")
 
 
 def _labels(args, K):
@@ -128,19 +165,51 @@ def _labels(args, K):
     return torch.full((args.n,), int(args.label))
 
 
-def _save_png(x: torch.Tensor, path: str, rows: int | None = None):
-    "A grid of images (`rows` rows of consecutive samples, if given), or a 2-D scatter plot."
-    if x.ndim == 4:
-        from matplotlib.image import imsave
-        grid = make_grid(x, nrow=len(x) // rows if rows else math.ceil(math.sqrt(len(x))))
-        imsave(path, grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+def _save_png(x: torch.Tensor, path: str, rows: int | None = None, scale: int | None = None,
+              labels: list[str] | None = None):
+    """A grid of images (`rows` rows of consecutive samples, if given) as a grayscale or RGB PNG,
+    enlarged `scale` times (default: to at least 512 px) and with an optional label per tile; or a
+    2-D scatter plot with quantile-based limits and an equal aspect."""
+    from PIL import Image, ImageDraw
+    if scale is not None and scale < 1:
+        raise ValueError(f"--scale must be >= 1, got {scale}")
+    if x.ndim != 4:
+        _save_scatter(x, path)
         return
+    nrow = len(x) // rows if rows else math.ceil(math.sqrt(len(x)))
+    grid = make_grid(x, nrow=nrow)
+    k = scale or max(1, math.ceil(512 / max(grid.shape[:2])))
+    img = np.repeat(np.repeat((grid * 255).round().astype(np.uint8), k, 0), k, 1)
+    pic = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img[..., :3])
+    if labels is not None:
+        pic = pic.convert("RGB")
+        draw = ImageDraw.Draw(pic)
+        H, W = x.shape[2:]
+        for n, text in enumerate(labels):
+            r, c = divmod(n, nrow)
+            xy = ((1 + c * (W + 1)) * k + 2, (1 + r * (H + 1)) * k + 1)
+            draw.text(xy, text, fill=(255, 64, 64))
+    pic.save(path)
+
+
+def _save_scatter(x: torch.Tensor, path: str):
+    "2-D samples as a scatter plot; the axes span the 0.5–99.5 % quantiles, not the outliers."
+    import io
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(4, 4))
+    from PIL import Image
+    x = x[torch.isfinite(x).all(1)].double().numpy()
+    lo, hi = np.quantile(x, 0.005, 0), np.quantile(x, 0.995, 0)
+    mid, half = (lo + hi) / 2, float((hi - lo).max()) * 0.55 + 1e-6  # one span: equal aspect
+    fig = Figure(figsize=(5, 5))
     ax = fig.subplots()
-    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-    ax.set_aspect("equal")
-    fig.savefig(path, dpi=100)
+    ax.scatter(x[:, 0], x[:, 1], s=3, alpha=0.5)
+    ax.set(xlim=(mid[0] - half, mid[0] + half), ylim=(mid[1] - half, mid[1] + half), aspect="equal")
+    outside = int((np.abs(x - mid) > half).sum())
+    note = f" ({outside} coordinates outside the axes)" if outside else ""
+    ax.set_title(f"{len(x)} samples{note}", fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=150, format="png")
+    Image.open(io.BytesIO(buf.getvalue())).convert("RGB").save(path)
 
 
 def _sample_command(args) -> int:
@@ -151,7 +220,12 @@ def _sample_command(args) -> int:
     model, schedule, cfg, shape, K = _load_model(args)
     labels = _labels(args, K)
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, labels=labels)
-    _save_png(x, args.out, rows=K if args.label == "all" else None)
+    if not bool(torch.isfinite(x).all()):
+        raise FloatingPointError("the samples hold NaN or infinite values; nothing written")
+    if args.labels and labels is None:
+        raise ValueError("--labels needs --class (a label, or all)")
+    text = [str(int(v)) for v in labels] if args.labels else None
+    _save_png(x, args.out, rows=K if args.label == "all" else None, scale=args.scale, labels=text)
     if args.npy:
         np.save(args.npy, x.numpy())
     also = f" and {args.npy}" if args.npy else ""
@@ -180,8 +254,10 @@ def _evaluate_command(args) -> int:
     model, schedule, cfg, shape, _ = _load_model(args)
     if shape != (1, 8, 8):
         raise ValueError(
-            "evaluate needs a model of 8×8 one-channel digits (data shape (1, 8, 8)), "
-            f"this one has data shape {shape}"
+            "evaluate scores 8×8 one-channel digits (data shape (1, 8, 8)) with the features of "
+            f"the shipped digits classifier; this model's data shape is {shape}. Inception "
+            "features for other images would need torchvision and downloaded weights (not "
+            "available offline): save samples with `sample --npy` and score them with your tool"
         )
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
     scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
@@ -382,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its latest checkpoint",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_threads_option(t)
     _add_sample_parser(sub)
     _add_evaluate_parser(sub)
     _add_inverse_parser(sub, "inpaint")
@@ -391,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/14_cli.ipynb #5c52c7fc
 def _train_command(args) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     names = {f.name for f in fields(TrainConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
     trainer = train(args.out, resume=args.resume, progress=not args.quiet, **overrides)
@@ -414,6 +493,39 @@ _COMMANDS = {
 }
 
 
+def _one_line(e: BaseException) -> str:
+    "An exception's message on one line, without any hint to load files unsafely."
+    sentences = " ".join(str(e).split()).split(". ")
+    return ". ".join(s for s in sentences if "weights_only" not in s)[:500]
+
+
+def _set_threads(n: int | None):
+    "torch's intra-op threads: --threads, else $OMP_NUM_THREADS if set, else 1 (small models)."
+    if n is not None and n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    if n is None and os.environ.get("OMP_NUM_THREADS"):
+        return
+    torch.set_num_threads(n or 1)
+
+
+def _check_device(device: str | None):
+    "Refuse, naming --device, a device that cannot train or sample here (meta, a bad name...)."
+    if device is None or device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but CUDA is not available here; use auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device} but MPS is not available here; use auto or cpu")
+
+
 def main(
     argv: list[str] | None = None,  # the arguments after the program name; None: sys.argv[1:]
 ) -> int:  # the exit status
@@ -423,24 +535,24 @@ def main(
     if args.command is None:  # a bare `simple-diffusion`: say what it can do
         parser.print_help(sys.stderr)
         return 2
+    name = f"simple-diffusion {args.command}"
     try:
+        _check_device(getattr(args, "device", None))
+        _set_threads(getattr(args, "threads", None))
         return _COMMANDS[args.command](args)
-    except (
-        ValueError,
-        OSError,
-        FloatingPointError,
-    ) as e:  # user errors: values, files, divergence
-        print(
-            f"simple-diffusion {args.command}: error: {' '.join(str(e).split())}",
-            file=sys.stderr,
-        )
+    except (ValueError, OSError, FloatingPointError) as e:  # user errors: values, files, divergence
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:
+        where = f"; checkpoint {e.checkpoint}" if e.checkpoint else ""
+        print(f"{name}: {e}{where}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print(
-            f"simple-diffusion {args.command}: interrupted; continue with --resume",
-            file=sys.stderr,
-        )
+        print(f"{name}: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else: still one line, never a traceback
+        print(f"{name}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

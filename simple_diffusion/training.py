@@ -8,7 +8,10 @@ import io
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import signal
 import tempfile
 import time
 import warnings
@@ -32,12 +35,29 @@ from .parameterization import PREDICTIONS
 from .schedules import SCHEDULES, NoiseSchedule, get_beta_schedule
 
 # %% auto #0
-__all__ = ['LOSSES', 'CKPT_FILES', 'RESUMABLE_CHANGES', 'TrainConfig', 'CheckpointError', 'CheckpointNotFoundError',
-           'atomic_write', 'save_checkpoint', 'checkpoint_dir', 'load_checkpoint', 'load_weights', 'setup_distributed',
-           'Trainer', 'train', 'load_trained']
+__all__ = ['LOSSES', 'MAX_TIMESTEPS', 'MAX_BATCH', 'MAX_CLASSES', 'MAX_PARAMS', 'MAX_EXAMPLE', 'CKPT_FILES', 'RESUMABLE_CHANGES',
+           'TrainConfig', 'ema_decay_at', 'ema_start_weight', 'ema_warmed_up', 'CheckpointError',
+           'CheckpointNotFoundError', 'atomic_write', 'save_checkpoint', 'checkpoint_dir', 'load_checkpoint',
+           'check_state', 'check_config', 'build_checkpoint_model', 'load_weights', 'setup_distributed', 'Trainer',
+           'TrainingInterrupted', 'train', 'load_trained']
 
 # %% ../nbs/11_training.ipynb #656cfc48
 LOSSES = ("mse", "min_snr", "hybrid")
+MAX_TIMESTEPS = 100_000  # bounds on what a config (or a file) may ask for
+MAX_BATCH = 1_000_000
+MAX_CLASSES = 100_000
+MAX_PARAMS = 2_000_000_000  # numbers in a network's weights (8 GB in float32)
+MAX_EXAMPLE = 2**24  # numbers in one example
+
+
+def _check_data_shape(shape, name: str) -> tuple:
+    "One example's shape: 1 to 3 positive ints, at most MAX_EXAMPLE numbers; ValueError naming it."
+    ok = isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 3
+    ok = ok and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    if not ok or math.prod(shape) > MAX_EXAMPLE:
+        raise ValueError(f"{name} must be 1 to 3 positive ints of at most {MAX_EXAMPLE} numbers "
+                         f"in all, got {str(shape)[:80]}")
+    return tuple(shape)
 
 # %% ../nbs/11_training.ipynb #6cc880e7
 @dataclass
@@ -63,6 +83,7 @@ class TrainConfig:
     loss: str = "mse"  # "mse" (L_simple), "min_snr" (min-SNR-γ) or "hybrid" (learned variance)
     min_snr_gamma: float = 5.0  # γ of the min-SNR weighting, > 0
     ema_decay: float = 0.999  # EMA decay per step, in [0, 1]
+    ema_warmup: bool = True  # decay_t = min(ema_decay, (1 + t)/(10 + t)), as diffusers' EMAModel
     seed: int = 0  # seeds initialisation, batches and noise
     amp: bool = True  # bf16 autocast when the device is CUDA (ignored elsewhere)
     compile: bool = False  # torch.compile the network
@@ -81,10 +102,15 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):
-        for k, lo in dict(
-            steps=0, batch_size=1, warmup=0, num_timesteps=2, log_every=1, ckpt_every=1
-        ).items():
-            setattr(self, k, check_int(getattr(self, k), k, lo))
+        for k, lo, hi in (
+            ("steps", 0, 2**62),
+            ("batch_size", 1, MAX_BATCH),
+            ("warmup", 0, 2**62),
+            ("num_timesteps", 2, MAX_TIMESTEPS),  # bounded: a schedule of T float64s is allocated
+            ("log_every", 1, 2**62),
+            ("ckpt_every", 1, 2**62),
+        ):
+            setattr(self, k, check_int(getattr(self, k), k, lo, hi))
         self.seed = check_int(self.seed, "seed", 0, 2**63 - 1)
         for k, lo, hi, lo_open in (
             ("lr", 0, None, True),
@@ -104,7 +130,7 @@ class TrainConfig:
                 raise ValueError(
                     f"{k} must be one of {tuple(allowed)}, got {getattr(self, k)!r}"
                 )
-        for k in ("amp", "compile", "class_conditional"):
+        for k in ("amp", "compile", "class_conditional", "ema_warmup"):
             if not isinstance(getattr(self, k), bool):
                 raise ValueError(f"{k} must be True or False, got {getattr(self, k)!r}")
         for k in ("data", "model", "device"):
@@ -131,21 +157,56 @@ class TrainConfig:
         return asdict(self)
 
     def make_model(
-        self, data_shape: tuple, num_classes: int | None = None
+        self,
+        data_shape: tuple,  # one example's shape, e.g. (2,) or (1, 8, 8)
+        num_classes: int | None = None,  # classes of a class-conditional model
+        *,
+        shapes: dict | None = None,  # {name: shape} the weights must have (e.g. from a file)
+        max_params: int | None = None,  # refuse a network larger than this; default MAX_PARAMS
     ) -> nn.Module:
-        "The network this config names for examples of `data_shape` (nets.build_model)."
-        return build_model(
+        """The network this config names for examples of `data_shape` (nets.build_model); built on
+        the meta device first, so an unknown or oversized `model_kwargs`, or weights of other
+        shapes, are refused before any memory is allocated."""
+        data_shape = _check_data_shape(data_shape, "data_shape")
+        if num_classes is not None:
+            num_classes = check_int(num_classes, "num_classes", 1, MAX_CLASSES)
+        build = lambda: build_model(
             self.model,
             data_shape,
             num_classes,
             learn_sigma=self.loss == "hybrid",
             **self.model_kwargs,
         )
+        rng = torch.get_rng_state()
+        try:
+            with torch.device("meta"):
+                meta = build()
+        except TypeError as e:  # an unknown keyword
+            raise ValueError(f"model_kwargs={self.model_kwargs!r} do not fit model={self.model!r}: "
+                             f"{e}") from None
+        finally:
+            torch.set_rng_state(rng)  # the meta build must not move the seeded stream
+        n = sum(p.numel() for p in meta.state_dict().values())
+        limit = MAX_PARAMS if max_params is None else max_params
+        if n > limit:
+            raise ValueError(f"model_kwargs={self.model_kwargs!r} give a network of {n:,} numbers "
+                             f"in its weights, more than the limit {limit:,}")
+        if shapes is not None:
+            want = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+            got = {k: tuple(v) for k, v in shapes.items()}
+            if want != got:
+                bad = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+                raise ValueError(f"the weights do not fit the network the config describes "
+                                 f"(first difference: {bad[0]!r}: network "
+                                 f"{want.get(bad[0])}, weights {got.get(bad[0])})")
+        return build()
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Build from a dict such as `to_dict()` or a checkpoint's config.json; unknown keys are an
         error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a TrainConfig needs a dict, got {type(d).__name__}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(
@@ -153,6 +214,38 @@ class TrainConfig:
                 f"{[f.name for f in fields(cls)]}"
             )
         return cls(**d)
+
+# %% ../nbs/11_training.ipynb #6f79d361
+def ema_decay_at(
+    config: TrainConfig,
+    t: int,  # EMA updates done before this one, >= 1 (the first update copies)
+) -> float:  # the decay β of Eq. (eq-train-ema) for this update
+    "min(ema_decay, (1 + t)/(10 + t)) with ema_warmup (diffusers' EMAModel), else ema_decay."
+    if not config.ema_warmup:
+        return config.ema_decay
+    return min(config.ema_decay, (1 + t) / (10 + t))
+
+
+def ema_start_weight(
+    config: TrainConfig,
+    steps: int,  # EMA updates done (optimiser steps of the run)
+) -> float:  # in [0, 1]; 1 before any update
+    "The weight the EMA still gives to the weights after the first step: the product of the decays."
+    steps = check_int(steps, "steps", 0)
+    log_w, t = 0.0, 1
+    while t < steps:
+        d = ema_decay_at(config, t)
+        if d >= config.ema_decay:  # the warm-up is over: the rest in closed form
+            return math.exp(log_w + (steps - t) * math.log(d)) if d > 0 else 0.0
+        if d == 0:
+            return 0.0
+        log_w, t = log_w + math.log(d), t + 1
+    return math.exp(log_w)
+
+
+def ema_warmed_up(config: TrainConfig, steps: int) -> bool:
+    "True once the EMA gives its first weights less than 1 % (what the CLI's --weights auto uses)."
+    return ema_start_weight(config, steps) < 0.01
 
 # %% ../nbs/11_training.ipynb #cdc5db96
 class CheckpointError(ValueError):
@@ -235,16 +328,22 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"{p}: no such checkpoint or run directory")
+    if (p / "latest").is_symlink():  # never follow it: it could name any file on the system
+        raise CheckpointError(f"{p / 'latest'}: is a symbolic link, not the file a run writes")
     if (p / "latest").is_file():
-        name = (p / "latest").read_text().strip()
-        if not name.startswith("ckpt-") or "/" in name or "\\" in name:
+        with open(p / "latest", "rb") as f:
+            raw = f.read(65)
+        name = raw.decode("ascii", "replace").strip()
+        if len(raw) > 64 or not re.fullmatch(r"ckpt-\d{8,}", name):
             raise CheckpointError(
-                f"{p / 'latest'}: not a checkpoint name: {name[:80]!r}"
+                f"{p / 'latest'}: does not hold a checkpoint name (ckpt- and a step number)"
             )
         if not (p / name).is_dir():
             raise CheckpointNotFoundError(
                 f"{p / 'latest'} points to {name}, which does not exist"
             )
+        if (p / name).is_symlink() and (p / name).resolve().parent != p.resolve():
+            raise CheckpointError(f"{p / name}: a symbolic link out of the run directory")
         return p / name
     if not p.is_dir() or not any((p / f).exists() for f in CKPT_FILES):
         raise CheckpointNotFoundError(
@@ -258,6 +357,10 @@ def _read_ckpt_file(f: Path):
     or unreadable."""
     if not f.is_file():
         raise CheckpointNotFoundError(f"{f}: missing checkpoint file")
+    if f.is_symlink() and f.resolve().parent != f.parent.resolve():
+        raise CheckpointError(f"{f}: a symbolic link out of its checkpoint directory")
+    if f.suffix == ".json" and f.stat().st_size > 1_000_000:
+        raise CheckpointError(f"{f}: {f.stat().st_size} bytes, too large for a run's config")
     try:
         if f.suffix == ".safetensors":
             return _st_load_file(f, device="cpu")
@@ -265,10 +368,14 @@ def _read_ckpt_file(f: Path):
             return torch.load(f, map_location="cpu", weights_only=True)
         return json.loads(f.read_text())
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in str(e):
+            raise CheckpointError(f"{f}: holds objects other than tensors and plain containers; "
+                                  "refused (unpickling them could run code)") from None
         msg = str(e).splitlines()[0] if str(e) else ""
+        msg = "" if "weights_only" in msg else msg  # never pass on a hint to load unsafely
         raise CheckpointError(
-            f"{f}: truncated or corrupt checkpoint file ({type(e).__name__}: {msg})"
-        ) from e
+            f"{f}: truncated or corrupt checkpoint file ({type(e).__name__}: {msg[:200]})"
+        ) from None
 
 
 def load_checkpoint(
@@ -280,12 +387,86 @@ def load_checkpoint(
     return {**out, "path": ck}
 
 
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+_STATE_CHECKS = {  # key: (test, what it must be); the sampling keys first
+    "data_shape": (lambda v: _check_data_shape(v, "data_shape") is not None,
+                   "1 to 3 positive ints"),
+    "num_classes": (lambda v: v is None or _is_int(v, 1, MAX_CLASSES), f"None or 1..{MAX_CLASSES}"),
+    "step": (lambda v: _is_int(v, 0, 2**62), "an int >= 0"),
+    "history": (lambda v: isinstance(v, torch.Tensor) and v.ndim == 1 and v.is_floating_point(),
+                "a 1-D float tensor"),
+    "ema_n_averaged": (lambda v: isinstance(v, torch.Tensor) and v.numel() == 1
+                       and not v.is_floating_point() and int(v) >= 0, "a count >= 0"),
+    "optimizer": (lambda v: isinstance(v, dict), "a dict"),
+    "lr_scheduler": (lambda v: isinstance(v, dict), "a dict"),
+    "rng": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v),
+            "a list of dicts"),
+}
+
+
+def check_state(
+    ck: dict,  # as load_checkpoint returns
+    keys: tuple = ("data_shape", "num_classes"),  # what the caller needs; resuming needs all
+) -> dict:  # ck["state"]
+    "Validate the values of a checkpoint's state.pt that a caller uses; CheckpointError naming the "
+    "file and the key."
+    st, sfile = ck["state"], ck["path"] / "state.pt"
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{sfile}: not a dict")
+    for k in keys:
+        test, what = _STATE_CHECKS[k]
+        if k not in st:
+            raise CheckpointError(f"{sfile}: missing key {k!r}")
+        try:
+            ok = test(st[k])
+        except (ValueError, TypeError, RuntimeError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{sfile}: {k} must be {what}, got {str(st[k])[:60]}")
+    if "history" in keys and len(st["history"]) > st["step"]:
+        raise CheckpointError(f"{sfile}: history has {len(st['history'])} losses for "
+                              f"step {st['step']}")
+    return st
+
+
+def check_config(ck: dict) -> TrainConfig:
+    "The TrainConfig of a checkpoint's config.json, validated; CheckpointError naming the file."
+    try:
+        return TrainConfig.from_dict(ck["config"])
+    except (ValueError, TypeError) as e:
+        cfile = ck["path"] / "config.json"
+        raise CheckpointError(f"{cfile}: not a valid TrainConfig ({e})") from None
+
+
+def build_checkpoint_model(
+    ck: dict,  # as load_checkpoint returns
+    cfg: TrainConfig,  # its (validated) config
+) -> nn.Module:
+    "The network a checkpoint describes, checked against its weights' shapes before allocating."
+    st = check_state(ck)
+    shapes = {k: v.shape for k, v in ck["model"].items()}
+    try:
+        return cfg.make_model(tuple(st["data_shape"]), st["num_classes"], shapes=shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{ck['path']}: config.json and state.pt describe a network that "
+                              f"cannot be built or does not fit model.safetensors ({e})") from None
+
+
 def load_weights(
     module: nn.Module,  # the network to fill
     sd: dict,  # its state dict, as read from `file`
     file: Path,  # where sd came from, for the message
 ) -> nn.Module:
-    "load_state_dict(sd) strictly; CheckpointError naming the file if it does not fit."
+    """load_state_dict(sd) strictly; CheckpointError naming the file if it does not fit or holds
+    a NaN or an infinity."""
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{file}: not a dict of tensors")
+    for k, v in sd.items():
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{file}: tensor {k!r} holds NaN or infinite values")
     try:
         module.load_state_dict(sd)
     except RuntimeError as e:
@@ -300,6 +481,8 @@ def setup_distributed(
     "Join the process group when launched by torchrun (env RANK/WORLD_SIZE/LOCAL_RANK): nccl on "
     "CUDA, gloo on the CPU."
     dev, world = pick_device(device), int(os.environ.get("WORLD_SIZE", "1"))
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} cannot train; use 'auto', 'cpu', 'cuda' or 'mps'")
     if world == 1:
         return 0, 1, dev
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -348,6 +531,13 @@ class Trainer:
 
 # %% ../nbs/11_training.ipynb #a77ad665
 @patch
+def _ema_update(self: Trainer, ema_params: list, params: list, n_averaged):
+    "AveragedModel's update with this step's warmed-up decay (a Python number: no host sync)."
+    decay = ema_decay_at(self.config, self.step)  # self.step: updates done before this one
+    get_ema_multi_avg_fn(decay)(ema_params, params, n_averaged)
+
+
+@patch
 def _setup(self: Trainer, model):
     """Place the network (DDP, compile), and create the EMA, AdamW with warm-up, the schedule and
     the generators."""
@@ -362,9 +552,7 @@ def _setup(self: Trainer, model):
     )
     if cfg.compile:
         self.net = torch.compile(self.net)
-    self.ema = AveragedModel(
-        model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True
-    )
+    self.ema = AveragedModel(model, multi_avg_fn=self._ema_update, use_buffers=True)
     self.opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -478,6 +666,45 @@ def _record(self: Trainer, losses: list, seconds: float, bar):
         with open(self.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+# %% ../nbs/11_training.ipynb #8f7b3c40
+class TrainingInterrupted(KeyboardInterrupt):
+    "SIGINT or SIGTERM stopped fit(); `checkpoint` is the one written then (None without out_dir)."
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step, self.checkpoint = int(signum), step, checkpoint
+
+
+@contextlib.contextmanager
+def _catch_stop_signals():
+    "SIGINT/SIGTERM append to the yielded list instead of killing; a second one interrupts at once."
+    caught = []
+
+    def handler(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[s] = signal.signal(s, handler)
+        except ValueError:  # not the main thread: leave the signals alone
+            break
+    try:
+        yield caught
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@patch
+def _any_rank(self: Trainer, flag: bool) -> bool:
+    "True on every rank if `flag` is True on any (a collective: call it on all ranks together)."
+    t = torch.tensor([float(flag)], device=self.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
 # %% ../nbs/11_training.ipynb #a3b68973
 @patch
 def fit(
@@ -485,8 +712,9 @@ def fit(
     steps: int | None = None,  # train this many more steps; None: up to config.steps
     progress: bool = True,  # show a tqdm bar (rank 0 only)
 ) -> list[float]:  # the loss history, one number per step since the start of the run
-    "Train, logging every log_every steps and checkpointing (rank 0) every ckpt_every steps and "
-    "at the end."
+    """Train, logging every log_every steps and checkpointing (rank 0) every ckpt_every steps and
+    at the end. SIGINT/SIGTERM (main thread) finish the step, checkpoint, and raise
+    TrainingInterrupted."""
     cfg = self.config
     end = cfg.steps if steps is None else self.step + check_int(steps, "steps", 0)
     bar = tqdm(
@@ -496,17 +724,22 @@ def fit(
         disable=not progress or self.rank != 0,
     )
     losses, t0 = [], time.perf_counter()
-    while self.step < end:
-        losses.append(self.train_step())
-        ckpt = self.out_dir is not None and (
-            self.step % cfg.ckpt_every == 0 or self.step == end
-        )
-        if len(losses) == cfg.log_every or ckpt or self.step == end:
-            self._record(losses, time.perf_counter() - t0, bar)
-            losses = []
-            if ckpt:
-                self.save()
-            t0 = time.perf_counter()
+    with _catch_stop_signals() as caught:
+        while self.step < end:
+            losses.append(self.train_step())
+            ckpt = self.out_dir is not None and (
+                self.step % cfg.ckpt_every == 0 or self.step == end
+            )
+            due = len(losses) == cfg.log_every or ckpt or self.step == end
+            stop = bool(caught) if self.world == 1 else due and self._any_rank(bool(caught))
+            if due or stop:
+                self._record(losses, time.perf_counter() - t0, bar)
+                losses = []
+                saved = self.save() if ckpt or (stop and self.out_dir is not None) else None
+                t0 = time.perf_counter()
+            if stop:
+                bar.close()
+                raise TrainingInterrupted(caught[0] if caught else signal.SIGTERM, self.step, saved)
     bar.close()
     return self.history
 
@@ -571,6 +804,8 @@ def load(self: Trainer, path: str | os.PathLike) -> Trainer:
     CheckpointError if the checkpoint does not fit."""
     ck = load_checkpoint(path)
     cfile, sfile = ck["path"] / "config.json", ck["path"] / "state.pt"
+    check_config(ck)
+    check_state(ck, tuple(_STATE_CHECKS))
     diff = {
         k: (v, getattr(self.config, k, None))
         for k, v in ck["config"].items()
@@ -665,12 +900,15 @@ def train(
     if resume:
         if not (out / "latest").is_file():
             raise CheckpointNotFoundError(f"{out / 'latest'}: no checkpoint to resume")
-        config = {
-            **_read_ckpt_file(checkpoint_dir(out) / "config.json"),
-            "device": "auto",
-            **config,
-        }
-        trainer = Trainer(TrainConfig.from_dict(config), out).load(out)
+        saved = _read_ckpt_file(checkpoint_dir(out) / "config.json")
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{checkpoint_dir(out) / 'config.json'}: not a JSON object")
+        try:
+            cfg = TrainConfig.from_dict({**saved, "device": "auto", **config})
+        except ValueError as e:
+            raise CheckpointError(f"{checkpoint_dir(out) / 'config.json'} with the options "
+                                  f"given: {e}") from None
+        trainer = Trainer(cfg, out).load(out)
     else:
         trainer = Trainer(TrainConfig(**config), out)
     trainer.fit(progress=progress)
@@ -685,13 +923,8 @@ def load_trained(
 ) -> tuple[nn.Module, TrainConfig]:  # the network in eval mode, and its run's config
     "Rebuild a checkpoint's network with TrainConfig.make_model and load its weights."
     ck = load_checkpoint(path)
-    try:
-        cfg = TrainConfig.from_dict(ck["config"])
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{ck['path'] / 'config.json'}: not a valid TrainConfig ({e})"
-        ) from None
-    model = cfg.make_model(tuple(ck["state"]["data_shape"]), ck["state"]["num_classes"])
+    cfg = check_config(ck)
+    model = build_checkpoint_model(ck, cfg)
     name = "ema" if ema else "model"
     load_weights(model, ck[name], ck["path"] / f"{name}.safetensors")
     return model.to(pick_device(device)).eval(), cfg

@@ -124,3 +124,82 @@ def test_evaluate_bad_input_is_one_line(capsys, args, word):
     except SystemExit as e: status = e.code
     err = capsys.readouterr().err.strip()
     assert status != 0 and len(err.splitlines()) == 1 and word in err, err
+
+
+def test_weights_auto_uses_raw_until_the_ema_has_warmed_up(tmp_path, capsys):
+    common = ["--data", "moons", "--steps", "5", "--device", "cpu", "--quiet", "--prediction", "x0",
+              "--num-timesteps", "100", "--model-kwargs", '{"hidden": 8, "depth": 1}']
+    assert main(["train", "--out", str(tmp_path / "cold"), "--no-ema-warmup", *common]) == 0
+    assert main(["train", "--out", str(tmp_path / "warm"), *common]) == 0
+    capsys.readouterr()
+    draw = lambda run, *a: main(["sample", "--checkpoint", str(tmp_path / run), "--out", str(tmp_path / f"{run}.png"),
+                                 "--n", "4", "--steps", "2", "--device", "cpu", "--quiet", *a])
+    assert draw("cold") == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("note:") and "raw weights" in err and "--weights ema" in err
+    assert draw("cold", "--weights", "ema") == 0 and capsys.readouterr().err == ""
+    assert draw("warm") == 0 and capsys.readouterr().err == ""            # 5 warm-up steps: first weights 0.5 %
+    assert main(["sample", "--pretrained", "gmm8", "--weights", "raw", "--out", str(tmp_path / "p.png")]) == 1
+    assert "--weights raw" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "warm")["config"]["ema_warmup"] is True   # recorded in the config
+
+
+def test_png_grids_are_large_gray_or_rgb_and_labelled(tmp_path, capsys):
+    from PIL import Image
+    from simple_diffusion.cli import _save_png
+    x = torch.rand(64, 1, 8, 8) * 2 - 1
+    _save_png(x, str(tmp_path / "g.png"))
+    im = Image.open(tmp_path / "g.png")
+    assert im.mode == "L" and min(im.size) >= 512                        # 73 px grid ×8 = 584 px, one channel
+    grid = np.asarray(im)[:73 * 8:8, :73 * 8:8]                          # nearest-neighbour: every 8th pixel is the grid
+    from simple_diffusion.core import make_grid
+    assert np.array_equal(grid, (make_grid(x, nrow=8)[..., 0] * 255).round().astype(np.uint8))
+    _save_png(torch.rand(4, 3, 8, 8) * 2 - 1, str(tmp_path / "c.png"), scale=3)
+    im = Image.open(tmp_path / "c.png")
+    assert im.mode == "RGB" and im.size == (19 * 3, 19 * 3)
+    _save_png(x[:10], str(tmp_path / "l.png"), rows=2, labels=[str(k) for k in range(10)])
+    assert Image.open(tmp_path / "l.png").mode == "RGB"
+    with pytest.raises(ValueError, match="--scale"):
+        _save_png(x, str(tmp_path / "bad.png"), scale=0)
+
+
+def test_scatter_limits_ignore_outliers(tmp_path):
+    from PIL import Image
+    from simple_diffusion.cli import _save_scatter
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 2, generator=g)
+    x[:3] = 1e4                                                          # three outliers must not shrink the data to a dot
+    import matplotlib.figure
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+    def spy(fig, *a, **k):
+        ax = fig.axes[0]
+        seen.update(xlim=ax.get_xlim(), ylim=ax.get_ylim(), title=ax.get_title())
+        return real(fig, *a, **k)
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        _save_scatter(x, str(tmp_path / "s.png"))
+    finally:
+        matplotlib.figure.Figure.savefig = real
+    span = seen["xlim"][1] - seen["xlim"][0]
+    assert 4 < span < 10 and span == pytest.approx(seen["ylim"][1] - seen["ylim"][0])   # N(0,1): 99 % within ±2.6
+    assert "outside the axes" in seen["title"] and Image.open(tmp_path / "s.png").mode == "RGB"
+
+
+def test_labels_option_needs_a_class(tmp_path, capsys):
+    assert main(["sample", "--pretrained", "digits", "--labels", "--n", "4", "--steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "x.png"), "--quiet"]) == 1
+    assert "--labels" in capsys.readouterr().err
+
+
+def test_threads_default_to_one_and_are_checked(tmp_path, capsys, monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        args = ["train", "--data", "moons", "--steps", "1", "--device", "cpu", "--quiet", "--model-kwargs", '{"hidden": 8}']
+        assert main([*args, "--out", str(tmp_path / "a")]) == 0 and torch.get_num_threads() == 1
+        assert main([*args, "--out", str(tmp_path / "b"), "--threads", "2"]) == 0 and torch.get_num_threads() == 2
+        assert main([*args, "--out", str(tmp_path / "c"), "--threads", "0"]) == 1
+        assert "--threads" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
