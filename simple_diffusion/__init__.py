@@ -9,7 +9,9 @@ from are available here directly (imported lazily, on first use, so that
     x = sd.sample(model, schedule, (64, 1, 8, 8), "ddim", 50, clip_denoised=True)
 
 Modules, one per chapter: core, data, schedules, forward, posterior, parameterization, oracle, elbo,
-nets, training, sampling, pretrained, cli, metrics (and the later chapters' guidance, inverse, ...).
+nets, training, sampling, pretrained, cli, interop (diffusers; `NoiseSchedule.from_diffusers`
+exists once it is imported, e.g. through `sd.to_diffusers`), metrics, guidance, inverse, augment,
+challenges, signals, discrete, future.
 This file is written by hand (nbdev keeps it and updates `__version__`); every other module is
 generated from its notebook.
 """
@@ -25,9 +27,13 @@ _EXPORTS = {  # name -> the module that defines it
     "make_unet": "nets", "build_model": "nets", "TrainConfig": "training", "Trainer": "training",
     "train": "training", "load_trained": "training", "sample": "sampling", "respace": "sampling",
     "evaluate_samples": "metrics", "frechet_distance": "metrics", "pick_device": "core",
+    "load_image_folder": "data", "load_mnist": "data", "guided_sample": "guidance",
+    "augment_dataset": "augment", "vary": "augment", "to_diffusers": "interop",
+    "DiffusersUNet": "interop",
 }
 _MODULES = ("core", "data", "schedules", "forward", "posterior", "parameterization", "oracle",
-            "elbo", "nets", "training", "sampling", "pretrained", "cli", "metrics")
+            "elbo", "nets", "training", "sampling", "pretrained", "cli", "interop", "metrics",
+            "guidance", "inverse", "augment", "challenges", "signals", "discrete", "future")
 __all__ = sorted(_EXPORTS) + list(_MODULES)
 
 

@@ -64,18 +64,12 @@ def _check_data_shape(shape, name: str) -> tuple:
 class TrainConfig:
     "Everything that defines a training run; JSON-serialisable and validated when created."
 
-    data: str = (
-        "digits"  # "digits", a 2-D toy (moons, swissroll, gmm25, gmm8) or an .npy path
-    )
-    steps: int = (
-        2000  # optimiser steps in total (a resumed run continues up to this), >= 0
-    )
+    data: str = "digits"  # digits, a 2-D toy, an .npy path, folder:PATH, mnist:PATH, torchvision:NAME
+    steps: int = 2000  # optimiser steps in total (a resumed run continues up to this), >= 0
     batch_size: int = 128  # examples per step on each process, >= 1
     lr: float = 1e-3  # peak learning rate of AdamW, > 0
     warmup: int = 100  # steps of linear learning-rate warm-up, >= 0
-    grad_clip: float = (
-        1.0  # clip the global gradient norm to this; 0 turns clipping off
-    )
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 turns clipping off
     weight_decay: float = 0.0  # AdamW's decoupled weight decay, >= 0
     schedule: str = "cosine"  # noise schedule, one of SCHEDULES
     num_timesteps: int = 1000  # T, the number of diffusion steps
@@ -88,17 +82,11 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast when the device is CUDA (ignored elsewhere)
     compile: bool = False  # torch.compile the network
     log_every: int = 50  # steps between log lines, >= 1
-    ckpt_every: int = (
-        500  # steps between checkpoints (one is also written at the end), >= 1
-    )
+    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end), >= 1
     model: str = "auto"  # "auto", "mlp" or a U-Net configuration name for make_unet
-    model_kwargs: dict = field(
-        default_factory=dict
-    )  # keyword overrides for the network's constructor
+    model_kwargs: dict = field(default_factory=dict)  # overrides for the network's constructor
     class_conditional: bool = False  # feed labels y to the model (needs labelled data)
-    p_uncond: float = (
-        0.1  # probability of replacing a label by the null class, in [0, 1]
-    )
+    p_uncond: float = 0.1  # probability of replacing a label by the null class, in [0, 1]
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N" or "mps"
 
     def __post_init__(self):

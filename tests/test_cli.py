@@ -95,6 +95,17 @@ def test_options_map_to_config_fields():
     assert all(v is None for k, v in vars(args).items() if k in fields and k not in given)   # unset: None, not a default
 
 
+def test_every_option_has_help():
+    "Each subcommand's options carry a description (a wrapped docments comment once read as None)."
+    import argparse
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.option_strings and action.dest != "help":
+                text = (action.help or "").replace("(default: %(default)s)", "").strip()
+                assert text and not text.startswith("None"), (name, action.option_strings, action.help)
+
+
 @pytest.mark.slow
 def test_evaluate_pretrained_digits_end_to_end():
     r = run("evaluate", "--pretrained", "digits", "--sampler", "ddim", "--steps", 10, "--n", 80, "--seed", 0, "--device", "cpu", "--quiet")
