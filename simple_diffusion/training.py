@@ -64,7 +64,7 @@ def _check_data_shape(shape, name: str) -> tuple:
 class TrainConfig:
     "Everything that defines a training run; JSON-serialisable and validated when created."
 
-    data: str = "digits"  # digits, a 2-D toy, an .npy path, folder:PATH, mnist:PATH, torchvision:NAME
+    data: str = "digits"  # digits, a 2-D toy, .npy path, folder:PATH, mnist:PATH, torchvision:NAME
     steps: int = 2000  # optimiser steps in total (a resumed run continues up to this), >= 0
     batch_size: int = 128  # examples per step on each process, >= 1
     lr: float = 1e-3  # peak learning rate of AdamW, > 0
