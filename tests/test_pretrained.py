@@ -28,7 +28,12 @@ def test_listed_and_loadable():
         info = card(name)
         assert not model.training and not any(p.requires_grad for p in model.parameters())
         assert isinstance(sched, NoiseSchedule) and sched.num_timesteps == cfg.num_timesteps == 1000
-        assert isinstance(cfg, TrainConfig) and cfg.to_dict() == info["train_config"]
+        assert isinstance(cfg, TrainConfig)
+        # the card's fields load as recorded; the only field it lacks is one added after the runs
+        # (ema_warmup), which takes its default
+        loaded = cfg.to_dict()
+        assert {k: loaded[k] for k in info["train_config"]} == info["train_config"]
+        assert set(loaded) - set(info["train_config"]) <= {"ema_warmup"}
         assert info["command"].split()[1:3] == ["simple-diffusion", "train"] and info["train_seconds"] > 0 and info["steps"] == cfg.steps
     assert card("digits_cond")["num_classes"] == 10 and card("digits")["num_classes"] is None
 
@@ -76,7 +81,8 @@ def test_documented_command_trains(tmp_path):
     export_pretrained(tmp_path / "run", "mine", command="test", train_seconds=1.0, directory=tmp_path / "w")
     assert available(tmp_path / "w") == ["mine"]
     model, sched, cfg = load("mine", directory=tmp_path / "w")
-    assert cfg.to_dict() == {**card("gmm8")["train_config"], "steps": 5}
+    # today's run records ema_warmup (its default, True), which the older card lacks
+    assert cfg.to_dict() == {**card("gmm8")["train_config"], "steps": 5, "ema_warmup": True}
     assert json.loads((tmp_path / "w" / "mine.json").read_text())["steps"] == 5
     assert torch.isfinite(sample(model, sched, (16, 2), "ddim", 5)).all()
 
@@ -212,7 +218,7 @@ def test_card_checked_against_shapes_without_recorded_fields(tmp_path):
     assert load("gmm8", directory=tmp_path)[0] is not None
     for changes, fragment in (({"data_shape": [3]}, "does not fit gmm8.safetensors"),
                               ({"model_kwargs": {"hidden": 64}}, "does not fit gmm8.safetensors"),
-                              ({"model_kwargs": {"hidden": 1_000_000}}, "more than 100000000 values")):   # refused on the meta device: nothing allocated
+                              ({"model_kwargs": {"hidden": 1_000_000}}, "more than")):   # refused on the meta device: nothing allocated
         card_file.write_text(original)
         _edit_card(card_file, **changes)
         _refused("gmm8", tmp_path, fragment)
