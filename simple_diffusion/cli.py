@@ -25,10 +25,11 @@ from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
 from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
                                        check_state, ema_start_weight, ema_warmed_up,
-                                       load_checkpoint, load_trained, train)
+                                       load_checkpoint, load_trained, setup_distributed,
+                                       train)
 
 # %% auto #0
-__all__ = ['build_parser', 'main']
+__all__ = ['SHARD', 'build_parser', 'main']
 
 # %% ../nbs/14_cli.ipynb #284a1fdb
 def _add_threads_option(p):
@@ -104,26 +105,62 @@ def _load_model(args):
     return model, schedule, cfg, tuple(info["data_shape"]), info["num_classes"]
 
 # %% ../nbs/14_cli.ipynb #2efedbad
+SHARD = 1000  # samples per seeded shard (the unit that torchrun's ranks split)
+
+
+def _shard_seed(seed: int, k: int) -> int:
+    "Shard 0 draws with --seed itself (so runs of <= SHARD samples are unchanged); shard k > 0 "
+    "with a seed derived from (seed, k) by numpy's SeedSequence."
+    if k == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**63, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _join_ranks(args) -> int:
+    "Under torchrun: join the process group (gloo on the CPU, nccl on CUDA), pin --device to "
+    "this rank's device and return the rank; 0 in a single process."
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0
+    rank, _, dev = setup_distributed(args.device)
+    args.device = str(dev)
+    return rank
+
+
 def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -> torch.Tensor:
-    "Sample args.n examples with the sampler options of `args` (guided if labels); CPU float32."
+    """Sample args.n examples with the sampler options of `args` (guided if labels); CPU float32.
+    Drawn in shards of SHARD samples, shard k seeded by _shard_seed(--seed, k): under torchrun
+    the ranks split the shards and gather them, so every rank returns exactly the samples of a
+    single-process run."""
     dev = next(model.parameters()).device
+    on = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
     kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
               prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
-              generator=torch.Generator(dev).manual_seed(args.seed), batch_size=args.batch_size,
-              progress=not args.quiet)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", SamplingWarning)   # numerically wrong: exit 1, not garbage
-        try:
-            if labels is None:
-                x = sample(model, schedule, (args.n, *shape), **kw)
-            else:
-                x = guided_sample(model, schedule, (args.n, *shape), labels.to(dev),
-                                  guidance=getattr(args, "guidance", 0.0), **kw)
-        except SamplingWarning as w:
-            raise ValueError(f"sampling went numerically wrong ({w}); try another --spacing "
-                             "or fewer --steps") from None
-    return x.float().cpu()
+              batch_size=args.batch_size, progress=not args.quiet and rank == 0)
+    mine = {}
+    for k, lo in enumerate(range(0, args.n, SHARD)):
+        if k % world != rank:
+            continue
+        n_k = min(SHARD, args.n - lo)
+        g = torch.Generator(dev).manual_seed(_shard_seed(args.seed, k))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SamplingWarning)   # numerically wrong: exit 1
+            try:
+                if labels is None:
+                    x = sample(model, schedule, (n_k, *shape), generator=g, **kw)
+                else:
+                    x = guided_sample(model, schedule, (n_k, *shape), labels[lo:lo + n_k].to(dev),
+                                      guidance=getattr(args, "guidance", 0.0), generator=g, **kw)
+            except SamplingWarning as w:
+                raise ValueError(f"sampling went numerically wrong ({w}); try another --spacing "
+                                 "or fewer --steps") from None
+        mine[k] = x.float().cpu()
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    return torch.cat([mine[k] for k in sorted(mine)])
 
 # %% ../nbs/14_cli.ipynb #c0f31470
 def _add_sample_parser(sub):
@@ -217,9 +254,12 @@ def _sample_command(args) -> int:
         raise ValueError(f"--out must name a .png file, got {args.out!r}")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
+    rank = _join_ranks(args)  # under torchrun the ranks share the sampling; rank 0 writes
     model, schedule, cfg, shape, K = _load_model(args)
     labels = _labels(args, K)
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=len(shape) == 3, labels=labels)
+    if rank != 0:
+        return 0
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError("the samples hold NaN or infinite values; nothing written")
     if args.labels and labels is None:
@@ -251,6 +291,7 @@ def _evaluate_command(args) -> int:
 
     if args.n < 2:
         raise ValueError(f"--n must be >= 2, got {args.n}")
+    rank = _join_ranks(args)  # under torchrun the ranks share the sampling; rank 0 scores
     model, schedule, cfg, shape, _ = _load_model(args)
     if shape != (1, 8, 8):
         raise ValueError(
@@ -260,6 +301,8 @@ def _evaluate_command(args) -> int:
             "available offline): save samples with `sample --npy` and score them with your tool"
         )
     x = _draw(args, model, schedule, cfg, shape, clip_denoised=True)
+    if rank != 0:
+        return 0
     scores = evaluate_samples(x, load_digits("train")[0], seed=args.seed)
     print(json.dumps({"sampler": args.sampler, "steps": args.steps, **scores}))
     return 0

@@ -214,3 +214,34 @@ def test_threads_default_to_one_and_are_checked(tmp_path, capsys, monkeypatch):
         assert "--threads" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_shard_seeds():
+    "Shard 0 keeps --seed (runs of <= SHARD samples are unchanged); other shards get distinct seeds."
+    from simple_diffusion.cli import SHARD, _shard_seed
+    assert SHARD == 1000 and _shard_seed(7, 0) == 7
+    seeds = {_shard_seed(s, k) for s in range(5) for k in range(1, 50)}
+    assert len(seeds) == 5 * 49 and all(0 <= v < 2**63 for v in seeds)
+
+
+@pytest.mark.slow
+def test_sample_under_torchrun_equals_one_process(tmp_path):
+    "2 CPU ranks on gloo split the seeded shards (1000, 1000, 500) and gather: the same samples."
+    exe = shutil.which("simple-diffusion", path=str(Path(sys.executable).parent))
+    assert exe, "the console script is installed beside this Python"
+    common = ["sample", "--pretrained", "gmm8", "--n", "2500", "--steps", "10", "--sampler",
+              "ddpm", "--seed", "3", "--quiet"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([exe, *common, "--out", str(tmp_path / "a.png"), "--npy",
+                          str(tmp_path / "a.npy")], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--", exe, *common, "--out", str(tmp_path / "b.png"), "--npy",
+                          str(tmp_path / "b.npy")], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote 2500 samples") == 1          # only rank 0 writes
+    a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
+    assert a.shape == (2500, 2) and np.array_equal(a, b)
+    assert not np.array_equal(a[:500], a[1000:1500])            # the shards are different draws
