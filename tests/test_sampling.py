@@ -263,14 +263,18 @@ def test_default_spacing_with_every_step():
 def test_denoiser_matches_parameterization():
     "One model call through x0_eps_from_output (clipping included) and the threshold, for every prediction type."
     g = torch.Generator().manual_seed(0)
-    x, out = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
-    for t in (0, 400, 999):
-        tt = torch.full((6,), t)
-        for pred in PREDICTIONS:
-            for clip in (False, True):
-                mine = Denoiser(lambda x_, t_: out, SCHED, pred, clip_denoised=clip)(x, t)[:2]
-                for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred, clip)):
-                    assert torch.equal(m, r)
+    for dtype in (torch.float64, torch.float32):
+        x, out = torch.randn(6, 2, generator=g, dtype=dtype), torch.randn(6, 2, generator=g, dtype=dtype)
+        for t in (0, 400, 999):
+            tt = torch.full((6,), t)
+            for pred in PREDICTIONS:
+                for clip in (False, True):
+                    mine = Denoiser(lambda x_, t_: out, SCHED, pred, clip_denoised=clip)(x, t)[:2]
+                    for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred, clip)):
+                        assert torch.equal(m, r), (dtype, t, pred, clip)
+    for bad in (-1, 1000, 2.0):                                                    # Python floats per t: t is checked
+        with pytest.raises(ValueError, match="t must be"):
+            Denoiser(lambda x_, t_: out, SCHED)(x, bad)
     x0, _, _ = Denoiser(lambda x_, t_: 3 * out, SCHED, "x0", threshold=0.9)(x, 500)
     assert torch.equal(x0, dynamic_threshold(3 * out, 0.9))
 
