@@ -443,7 +443,6 @@ class Denoiser:
         a, s = self._coefs(t)
         return (x - a * x0) / s
 
-
 # %% ../nbs/12_sampling.ipynb #77ce2fe1
 class Trajectory(NamedTuple):
     "What `sample(..., return_trajectory=True)` returns besides the samples."
