@@ -497,6 +497,7 @@ def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2):
     return dpmpp3m_step(x, x0, abar, abar_prev, *flat)
 
 # %% ../nbs/12_sampling.ipynb #073422da
+@torch.no_grad()  # a hook that needs gradients opens torch.enable_grad()
 def run_sampler(
     denoiser: Denoiser,  # the network, its schedule and prediction type
     spaced: SpacedSchedule,  # the time discretisation, from `respace`

@@ -587,3 +587,21 @@ def test_few_steps_of_an_eps_model_are_reported():
         warnings.simplefilter("error")
         sample(ORACLE, SCHED, (8, 2), "ddim", 1, clip_denoised=True)
         sample(GaussianMixtureOracle(MIX, SCHED, prediction="v"), SCHED, (8, 2), "ddim", 1, prediction="v")
+
+
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained network: garbage by design
+def test_run_sampler_is_gradient_free_but_a_hook_may_differentiate():
+    "A trainable network builds no graph through the loop; a hook that opens enable_grad still gets ∇ₓ of its objective."
+    torch.manual_seed(0)
+    den = Denoiser(MLPDenoiser(2), SCHED)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    grads = []
+
+    def hook(i, t, x, x0):
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            grads.append(torch.autograd.grad(den(xr, t)[0].square().sum(), xr)[0])
+
+    x = run_sampler(den, respace(SCHED, 5, "leading"), x_T, "ddim", hook=hook)
+    assert not x.requires_grad and x.grad_fn is None
+    assert len(grads) == 5 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
