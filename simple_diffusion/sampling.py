@@ -25,8 +25,6 @@ from simple_diffusion.parameterization import (
     VARIANCES,
     fixed_large_variance,
     reverse_log_variance,
-    eps_from_x0,
-    x0_eps_from_output,
 )
 from .schedules import NoiseSchedule
 
@@ -222,6 +220,11 @@ MAX_STEP_RATIO = (
 )
 
 
+def _lam(abar: float) -> float:
+    "λ = log(α/σ) of one ᾱ as a Python float (a NumPy scalar slows every tensor op it meets)."
+    return float(_half_log_snr(abar))
+
+
 def dpmpp2m_step(
     x: torch.Tensor,  # [B, ...] x_s
     x0: torch.Tensor,  # [B, ...] x̂_0 at s
@@ -238,11 +241,7 @@ def dpmpp2m_step(
     if abar_s == 1:
         return x
     if x0_u is not None and abar_t < 1 and abar_u > 0:
-        lam_s, lam_t, lam_u = (
-            _half_log_snr(abar_s),
-            _half_log_snr(abar_t),
-            _half_log_snr(abar_u),
-        )
+        lam_s, lam_t, lam_u = _lam(abar_s), _lam(abar_t), _lam(abar_u)
         step_ratio = (lam_t - lam_s) / (lam_s - lam_u)  # 1/r = h / h_last
         if step_ratio <= MAX_STEP_RATIO:
             x0 = x0 + 0.5 * step_ratio * (x0 - x0_u)
@@ -266,8 +265,7 @@ def dpmpp3m_step(
     lower = lambda: dpmpp2m_step(x, x0, abar_s, abar_t, x0_u, abar_u)
     if x0_v is None or abar_t >= 1 or abar_v <= 0:
         return lower()
-    lam_s, lam_t = _half_log_snr(abar_s), _half_log_snr(abar_t)
-    lam_u, lam_v = _half_log_snr(abar_u), _half_log_snr(abar_v)
+    lam_s, lam_t, lam_u, lam_v = _lam(abar_s), _lam(abar_t), _lam(abar_u), _lam(abar_v)
     h, h0, h1 = lam_t - lam_s, lam_s - lam_u, lam_u - lam_v
     if h > MAX_STEP_RATIO * h0 or h0 > MAX_STEP_RATIO * h1:
         return lower()
@@ -297,9 +295,9 @@ def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
         return math.sqrt(1 - abar_t) * x + math.sqrt(abar_t) * m0
     prev = [(m, a) for m, a in prev if a > 0]
     order = min(order, len(prev) + 1)
-    lam_s, lam_t = _half_log_snr(abar_s), _half_log_snr(abar_t)
+    lam_s, lam_t = _lam(abar_s), _lam(abar_t)
     h = lam_t - lam_s
-    rks = [(_half_log_snr(a) - lam_s) / h for _, a in prev[: order - 1]] + [1.0]
+    rks = [(_lam(a) - lam_s) / h for _, a in prev[: order - 1]] + [1.0]
     D1s = [(m - m0) / r for (m, _), r in zip(prev[: order - 1], rks)]
     hh = -h
     h_phi_1 = math.expm1(hh)  # e^{-h} - 1
@@ -312,13 +310,16 @@ def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
         h_phi_k = h_phi_k / hh - 1 / fact
     R, b = np.array(R), np.array(b)
     if m_new is None:
-        rhos = np.linalg.solve(R[:-1, :-1], b[:-1]) if order > 2 else [0.5] * (order - 1)
-        res = sum(rho * d for rho, d in zip(rhos, D1s))
+        rhos = np.linalg.solve(R[:-1, :-1], b[:-1]).tolist() if order > 2 else [0.5] * (order - 1)
+        terms = [rho * d for rho, d in zip(rhos, D1s)]
     else:
-        rhos = np.linalg.solve(R, b) if order > 1 else [0.5]
-        res = sum(rho * d for rho, d in zip(rhos[:-1], D1s)) + rhos[-1] * (m_new - m0)
+        rhos = np.linalg.solve(R, b).tolist() if order > 1 else [0.5]
+        terms = [rho * d for rho, d in zip(rhos[:-1], D1s)] + [rhos[-1] * (m_new - m0)]
+    inner = h_phi_1 * m0  # h φ_1 x̂_0 + B(h) Σ_k ρ_k D_k (no Σ at first order)
+    if terms:
+        inner = inner + B_h * sum(terms[1:], terms[0])
     sigma_ratio = math.sqrt((1 - abar_t) / (1 - abar_s))
-    return sigma_ratio * x - math.sqrt(abar_t) * (h_phi_1 * m0 + B_h * res)
+    return sigma_ratio * x - math.sqrt(abar_t) * inner
 
 
 def unipc_step(
@@ -398,6 +399,14 @@ class Denoiser:
             bool(clip_denoised),
         )
         self.threshold, self.learned_range = threshold, bool(learned_range)
+        # √ᾱ_t and √(1-ᾱ_t) as Python floats: per-step scalars, no gather or cast per call
+        self._sqrt_abar = schedule.sqrt_alphas_cumprod.tolist()
+        self._sqrt_one_minus = schedule.sqrt_one_minus_alphas_cumprod.tolist()
+
+    def _coefs(self, t: int) -> tuple[float, float]:
+        "(√ᾱ_t, √(1-ᾱ_t)) of code step t."
+        t = check_int(t, "t", 0, len(self._sqrt_abar) - 1)
+        return self._sqrt_abar[t], self._sqrt_one_minus[t]
 
     def __call__(
         self,
@@ -405,35 +414,34 @@ class Denoiser:
         t: int,  # the code step of x_t, in [0, T)
         model_kwargs: dict | None = None,  # extra model inputs for this batch
     ) -> tuple:  # (x̂_0, ε̂, variance channels or None), like x
-        tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
+        a, s = self._coefs(t)  # √ᾱ_t, √(1-ᾱ_t)
+        B = x.shape[0]
+        tt = torch.full((B,), t, device=x.device, dtype=torch.long)
         out = self.model(x, tt, **(model_kwargs or {}))
-        want = (
-            (len(x), 2 * x.shape[1], *x.shape[2:])
-            if self.learned_range
-            else tuple(x.shape)
-        )
+        want = (B, 2 * x.shape[1], *x.shape[2:]) if self.learned_range else tuple(x.shape)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = (
-                tuple(out.shape)
-                if isinstance(out, torch.Tensor)
-                else type(out).__name__
-            )
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model output must have shape {want}, got {got}")
         out, var_values = out.to(x.dtype), None
         if self.learned_range:
             out, var_values = out.chunk(2, dim=1)
-        x0, eps = x0_eps_from_output(
-            self.schedule, x, tt, out, self.prediction, self.clip_denoised
-        )
-        if self.threshold is not None:
-            x0 = dynamic_threshold(x0, self.threshold)
-            eps = eps_from_x0(self.schedule, x, tt, x0)
+        # x0_eps_from_output's formulas with scalar coefficients, Eqs. (eq-param-x0-eps),
+        # (eq-param-v-inverse): the same values, bit for bit (tests/test_sampling.py)
+        if self.prediction == "eps":
+            x0, eps = (x - s * out) / a, out
+        elif self.prediction == "x0":
+            x0, eps = out, (x - a * out) / s
+        else:
+            x0, eps = a * x - s * out, s * x + a * out
+        if self.clip_denoised or self.threshold is not None:
+            x0 = x0.clamp(-1, 1) if self.clip_denoised else dynamic_threshold(x0, self.threshold)
+            eps = (x - a * x0) / s
         return x0, eps, var_values
 
     def eps_from_x0(self, x: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
         "The ε̂ consistent with x_t and a (modified) x̂_0, Eq. (eq-param-x0-eps)."
-        tt = torch.full((len(x),), t, device=x.device, dtype=torch.long)
-        return eps_from_x0(self.schedule, x, tt, x0)
+        a, s = self._coefs(t)
+        return (x - a * x0) / s
 
 # %% ../nbs/12_sampling.ipynb #77ce2fe1
 class Trajectory(NamedTuple):
@@ -489,6 +497,7 @@ def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2):
     return dpmpp3m_step(x, x0, abar, abar_prev, *flat)
 
 # %% ../nbs/12_sampling.ipynb #073422da
+@torch.no_grad()  # a hook that needs gradients opens torch.enable_grad()
 def run_sampler(
     denoiser: Denoiser,  # the network, its schedule and prediction type
     spaced: SpacedSchedule,  # the time discretisation, from `respace`
@@ -521,7 +530,7 @@ def run_sampler(
         }
         for c in chunks
     ]
-    ab = spaced.original_alphas_cumprod.tolist()
+    ab, ts = spaced.original_alphas_cumprod.tolist(), spaced.timesteps.tolist()
     c1, c2 = spaced.posterior_mean_coef1.tolist(), spaced.posterior_mean_coef2.tolist()
     std = _ddpm_std(spaced, variance)
     xs, hists = [x_T[c] for c in chunks], [[] for _ in chunks]
@@ -531,7 +540,7 @@ def run_sampler(
         total=S * len(chunks), disable=not progress, desc=f"{sampler}, {S} steps"
     ) as bar:
         for i in reversed(range(S)):
-            t = int(spaced.timesteps[i])
+            t = ts[i]
             noisy = i > 0 and (sampler == "ddpm" or sampler == "ddim" and eta > 0)
             z = randn(x_T.shape, x_T, generator) if noisy else None
             x0s = []

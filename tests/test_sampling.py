@@ -263,14 +263,18 @@ def test_default_spacing_with_every_step():
 def test_denoiser_matches_parameterization():
     "One model call through x0_eps_from_output (clipping included) and the threshold, for every prediction type."
     g = torch.Generator().manual_seed(0)
-    x, out = torch.randn(6, 2, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
-    for t in (0, 400, 999):
-        tt = torch.full((6,), t)
-        for pred in PREDICTIONS:
-            for clip in (False, True):
-                mine = Denoiser(lambda x_, t_: out, SCHED, pred, clip_denoised=clip)(x, t)[:2]
-                for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred, clip)):
-                    assert torch.equal(m, r)
+    for dtype in (torch.float64, torch.float32):
+        x, out = torch.randn(6, 2, generator=g, dtype=dtype), torch.randn(6, 2, generator=g, dtype=dtype)
+        for t in (0, 400, 999):
+            tt = torch.full((6,), t)
+            for pred in PREDICTIONS:
+                for clip in (False, True):
+                    mine = Denoiser(lambda x_, t_: out, SCHED, pred, clip_denoised=clip)(x, t)[:2]
+                    for m, r in zip(mine, x0_eps_from_output(SCHED, x, tt, out, pred, clip)):
+                        assert torch.equal(m, r), (dtype, t, pred, clip)
+    for bad in (-1, 1000, 2.0):                                                    # Python floats per t: t is checked
+        with pytest.raises(ValueError, match="t must be"):
+            Denoiser(lambda x_, t_: out, SCHED)(x, bad)
     x0, _, _ = Denoiser(lambda x_, t_: 3 * out, SCHED, "x0", threshold=0.9)(x, 500)
     assert torch.equal(x0, dynamic_threshold(3 * out, 0.9))
 
@@ -583,3 +587,21 @@ def test_few_steps_of_an_eps_model_are_reported():
         warnings.simplefilter("error")
         sample(ORACLE, SCHED, (8, 2), "ddim", 1, clip_denoised=True)
         sample(GaussianMixtureOracle(MIX, SCHED, prediction="v"), SCHED, (8, 2), "ddim", 1, prediction="v")
+
+
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # untrained network: garbage by design
+def test_run_sampler_is_gradient_free_but_a_hook_may_differentiate():
+    "A trainable network builds no graph through the loop; a hook that opens enable_grad still gets ∇ₓ of its objective."
+    torch.manual_seed(0)
+    den = Denoiser(MLPDenoiser(2), SCHED)
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    grads = []
+
+    def hook(i, t, x, x0):
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            grads.append(torch.autograd.grad(den(xr, t)[0].square().sum(), xr)[0])
+
+    x = run_sampler(den, respace(SCHED, 5, "leading"), x_T, "ddim", hook=hook)
+    assert not x.requires_grad and x.grad_fn is None
+    assert len(grads) == 5 and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
