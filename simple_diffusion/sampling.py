@@ -89,18 +89,51 @@ def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     return t
 
 
+def _explicit_timesteps(spacing, T, steps=None, name="spacing"):
+    "Code timesteps given as a sequence (argument `name`), checked: a [S] long tensor."
+    ts = spacing if isinstance(spacing, torch.Tensor) else None
+    if ts is None:
+        try:
+            ts = torch.as_tensor(np.asarray(spacing))
+        except (TypeError, ValueError, RuntimeError):
+            ts = None
+    ok = (
+        ts is not None
+        and ts.ndim == 1
+        and len(ts) >= 1
+        and not (ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool)
+    )
+    if ok:
+        ts = ts.detach().cpu().long()
+        ok = bool((ts.diff() > 0).all()) and int(ts[0]) >= 0 and int(ts[-1]) < T
+    if not ok:
+        shown = ts.tolist()[:8] if isinstance(ts, torch.Tensor) and ts.ndim else spacing
+        rule = f"one of {SPACINGS} or " if name == "spacing" else ""
+        raise ValueError(
+            f"{name} must be {rule}a strictly increasing 1-D sequence of integer code "
+            f"timesteps in [0, {T - 1}], got {shown!r}"
+        )
+    if steps is not None and check_int(steps, "steps", 1, T) != len(ts):
+        raise ValueError(f"{name} holds {len(ts)} timesteps but steps={steps}")
+    return ts
+
+
 def space_timesteps(
     num_timesteps: int,  # T of the trained model
-    steps: int,  # S, the number of steps to keep, 1 <= S <= T
-    spacing: str = "leading",  # one of SPACINGS
+    steps: int | None,  # S, the number of steps to keep, 1 <= S <= T (None: len(spacing))
+    spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps themselves
     alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
     rho: float = 7.0,  # EDM's ρ > 0 ('edm' only)
     sigma_max: float = SIGMA_MAX,  # the largest σ/α visited ('logsnr', 'edm' only), > 0
 ) -> torch.Tensor:  # [S] long, ascending code timesteps in [0, T)
     """The S code timesteps a respaced sampler visits. 'linspace', 'leading', 'trailing': diffusers'
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
-    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max."""
+    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max.
+    A sequence is checked (strictly increasing integers in [0, T-1], S of them if steps is given)
+    and returned as it is."""
     T = check_int(num_timesteps, "num_timesteps", 1)
+    if not isinstance(spacing, str):
+        return _explicit_timesteps(spacing, T, steps)
     check_choice(spacing, SPACINGS, "spacing")
     if spacing in ("logsnr", "edm"):
         if alphas_cumprod is None:
@@ -166,11 +199,12 @@ class SpacedSchedule(NoiseSchedule):
 
 def respace(
     schedule: NoiseSchedule,  # the model's schedule
-    steps: int,  # S, the number of steps to keep
-    spacing: str = "leading",  # one of SPACINGS
+    steps: int | None,  # S, the number of steps to keep (None: len(spacing) for a sequence)
+    spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps to keep
     sigma_max: float = SIGMA_MAX,  # the largest σ/α of 'logsnr' and 'edm'
 ) -> SpacedSchedule:
-    "The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace)."
+    """The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace) (Nichol &
+    Dhariwal 2021, Sec. 4); `spacing` names a rule or lists the code timesteps."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
@@ -668,8 +702,10 @@ def _check_sample_args(
     check_choice(sampler, SAMPLERS, "sampler")
     default, sigma_max = default_discretisation(schedule, sampler, steps, prediction)
     allowed = int((schedule.alphas_cumprod >= 1 / (1 + sigma_max**2)).sum())
+    explicit = spacing is not None and not isinstance(spacing, str)  # the timesteps themselves
     spacing = default if spacing is None else spacing
-    check_choice(spacing, SPACINGS, "spacing")
+    if not explicit:
+        check_choice(spacing, SPACINGS, "spacing")
     check_choice(variance, VARIANCES, "variance")
     if check_number(eta, "eta", 0, 1) and sampler != "ddim":
         raise ValueError(
@@ -693,7 +729,7 @@ def _check_sample_args(
         )
     if hook is not None and not callable(hook):
         raise ValueError("hook must be callable or None")
-    if steps is None:
+    if steps is None and not explicit:
         steps = allowed if spacing in ("logsnr", "edm") else len(schedule)
     spaced = respace(schedule, steps, spacing, sigma_max)
     return spaced, shape
@@ -759,7 +795,7 @@ def sample(
     sampler: str = "ddpm",  # one of SAMPLERS
     steps: int | None = None,  # S network evaluations; None: all the spacing allows
     eta: float = 0.0,  # DDIM's η in [0, 1] (0: deterministic, 1: DDPM)
-    spacing: str | None = None,  # one of SPACINGS; None: DEFAULT_SPACING[sampler]
+    spacing=None,  # one of SPACINGS, or [S] ascending code timesteps; None: the default
     *,
     prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
     variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES

@@ -583,3 +583,53 @@ def test_few_steps_of_an_eps_model_are_reported():
         warnings.simplefilter("error")
         sample(ORACLE, SCHED, (8, 2), "ddim", 1, clip_denoised=True)
         sample(GaussianMixtureOracle(MIX, SCHED, prediction="v"), SCHED, (8, 2), "ddim", 1, prediction="v")
+
+
+# ---- explicit timesteps as `spacing` -------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::simple_diffusion.sampling.SamplingWarning")   # leading-7 starts at ᾱ = 0.052
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("spacing", [None, "leading", "trailing", "logsnr", "edm"])
+def test_explicit_timesteps_reproduce_the_named_spacing(sampler, spacing):
+    "The timesteps a named (or the default) spacing visits, given as a list, a tensor or an array: bit for bit."
+    S = 7
+    name, smax = default_discretisation(SCHED, sampler, S) if spacing is None else (spacing, 20.0)
+    ts = respace(SCHED, S, name, smax).timesteps
+    if spacing == "trailing":
+        ts = ts[:-1]                    # trailing ends at ᾱ ≈ 0 on the cosine schedule: an ε-model is refused there
+        S = len(ts)
+        ref_kw = dict(spacing=ts.clone())
+    else:
+        ref_kw = dict(spacing=spacing)
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    run = lambda **kw: sample(ORACLE, SCHED, (64, 2), sampler, S if "steps" not in kw else kw.pop("steps"), noise=x_T,
+                              generator=torch.Generator().manual_seed(1), **kw)
+    ref = run(**ref_kw)
+    for given in (ts, ts.tolist(), ts.numpy(), ts.int()):
+        assert torch.equal(run(spacing=given), ref)
+        assert torch.equal(run(spacing=given, steps=None), ref)             # steps = len(spacing)
+    assert torch.equal(respace(SCHED, None, ts.tolist()).alphas_cumprod, respace(SCHED, S, ts).alphas_cumprod)
+    assert space_timesteps(1000, S, ts.tolist()).tolist() == ts.tolist()
+
+
+@pytest.mark.parametrize("bad", [[5, 3, 900], [0, 0, 900], [-1, 10, 900], [0, 10, 1000], [0.0, 10.0, 900.0],
+                                 [[0, 10, 900]], [], [True, False], ["a", "b"], torch.tensor(5)])
+def test_explicit_timesteps_bad_input(bad):
+    "Not strictly increasing, out of [0, T-1], not integers, not 1-D or empty: ValueError naming spacing."
+    with pytest.raises(ValueError, match="spacing"):
+        respace(SCHED, None, bad)
+    with pytest.raises(ValueError, match="spacing"):
+        sample(ORACLE, SCHED, (4, 2), "ddim", spacing=bad)
+    with pytest.raises(ValueError, match="spacing"):
+        space_timesteps(1000, None, bad)
+
+
+def test_explicit_timesteps_length_must_match_steps():
+    with pytest.raises(ValueError, match="spacing holds 3 timesteps but steps=4"):
+        respace(SCHED, 4, [0, 10, 900])
+    with pytest.raises(ValueError, match="spacing holds 3 timesteps but steps=4"):
+        sample(ORACLE, SCHED, (4, 2), "ddim", 4, spacing=[0, 10, 900])
+    with pytest.raises(ValueError, match="steps"):
+        respace(SCHED, 0, [0, 10, 900])
+    with pytest.raises(ValueError, match="steps/spacing"):                  # the start guard still applies
+        sample(ORACLE, SCHED, (4, 2), "ddim", spacing=[0, 10])
