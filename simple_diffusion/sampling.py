@@ -32,10 +32,11 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS', 'LOWER_ORDER_FINAL',
-           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ddpm_step', 'space_timesteps',
-           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
-           'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler',
-           'default_discretisation', 'sample']
+           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER',
+           'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step',
+           'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory',
+           'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample', 'ode_reference',
+           'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -874,3 +875,142 @@ def sample(
         progress=progress,
         order=order,
     )
+
+# %% ../nbs/12_sampling.ipynb #926bd0d1
+ODE_SAMPLERS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc")  # the deterministic solvers (η = 0)
+REFERENCE_SAMPLER = "dpmpp3m"  # integrates the ODE over every code step for the reference
+
+
+@torch.no_grad()
+def ode_reference(
+    model: Callable,  # model(x_t, t) -> [N, ...], e.g. GaussianMixtureOracle
+    schedule: NoiseSchedule,  # the model's schedule
+    noise: torch.Tensor,  # [N, ...] x at t_start
+    t_start: int,  # the code step the solvers start from, in [0, T)
+    *,
+    prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
+) -> torch.Tensor:  # [N, ...] Φ_∞(x_T): the probability-flow ODE's x_0
+    """Φ_∞ of Eq. (eq-sampling-steps-objective): the probability-flow ODE (Song et al. 2021, Sec. 4.3)
+    from x_{t_start} = noise, by REFERENCE_SAMPLER over every code step t_start, ..., 0."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    t_start = check_int(t_start, "t_start", 0, schedule.num_timesteps - 1)
+    noise = check_tensor(noise, "noise", min_ndim=2, floating=True, finite=True)
+    denoiser = Denoiser(model, getattr(schedule, "parent", schedule), prediction)
+    every = SpacedSchedule(schedule, torch.arange(t_start + 1))
+    return run_sampler(denoiser, every, noise, REFERENCE_SAMPLER)
+
+
+@torch.no_grad()
+def discretisation_error(
+    model: Callable,  # model(x_t, t) -> [N, ...]
+    schedule: NoiseSchedule,  # the model's schedule
+    timesteps,  # [S] strictly increasing code timesteps (what `spacing=` takes)
+    sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
+    *,
+    noise: torch.Tensor,  # [N, ...] x_T at timesteps[-1]
+    reference: torch.Tensor | None = None,  # [N, ...] ode_reference of that noise; None: computed
+    prediction: str = "eps",  # what the model predicts
+) -> float:  # the estimate of E(τ), Eq. (eq-sampling-steps-objective)
+    """Mean over the batch of ‖Φ_τ(x_T) - Φ_∞(x_T)‖², Eq. (eq-sampling-steps-objective): the solver
+    on `timesteps` against the probability-flow ODE from the same x_T."""
+    check_choice(sampler, ODE_SAMPLERS, "sampler")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    ts = _explicit_timesteps(timesteps, schedule.num_timesteps, name="timesteps")
+    if reference is None:
+        reference = ode_reference(model, schedule, noise, int(ts[-1]), prediction=prediction)
+    check_tensor(reference, "reference", shape=tuple(noise.shape))
+    denoiser = Denoiser(model, getattr(schedule, "parent", schedule), prediction)
+    x = run_sampler(denoiser, SpacedSchedule(schedule, ts), noise, sampler)
+    return float((x - reference).double().flatten(1).pow(2).sum(1).mean())
+
+# %% ../nbs/12_sampling.ipynb #82102df0
+def _knot_candidates(lam, lo, hi, cur, k):
+    """Knots to try in [lo, hi] (lam: λ of every code step): all if at most k, else k uniform in λ
+    and cur ± 1, 2, 4, ...; cur < lo: the grid only."""
+    if hi - lo + 1 <= k:
+        return [c for c in range(lo, hi + 1) if c != cur]
+    target = np.linspace(lam[hi], lam[lo], k)  # λ falls as t grows
+    steps_lo_hi = np.arange(lo, hi + 1)
+    grid = {int(c) for c in np.interp(target, lam[lo : hi + 1][::-1], steps_lo_hi[::-1]).round()}
+    if cur < lo:
+        return sorted(grid)
+    local = [cur + s * 2**j for j in range(int(math.log2(hi - lo + 1)) + 1) for s in (-1, 1)]
+    return sorted((grid | {c for c in local if lo <= c <= hi}) - {cur})
+
+
+@torch.no_grad()
+def optimise_timesteps(
+    model: Callable,  # model(x_t, t) -> [N, ...], e.g. GaussianMixtureOracle
+    schedule: NoiseSchedule,  # the model's schedule
+    steps: int,  # S >= 2, the budget of network evaluations
+    sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
+    *,
+    shape: tuple | None = None,  # the shape of one sample; None: (D,) of an oracle's mixture
+    prediction: str = "eps",  # what the model predicts
+    n: int = 512,  # draws of x_T the error is estimated on
+    generator: torch.Generator | None = None,  # source of those draws
+    init=None,  # [S] starting code timesteps; None: the default discretisation
+    iters: int = 4,  # sweeps of coordinate descent, >= 0
+    candidates: int = 16,  # knots tried per coordinate move, >= 2
+    dtype: torch.dtype = torch.float32,  # dtype of the draws
+    progress: bool = False,  # a tqdm bar over the sweeps
+) -> torch.Tensor:  # [S] long: ascending code timesteps, for `sample(..., spacing=)`
+    """The S code timesteps minimising Eq. (eq-sampling-steps-objective) on n draws, by coordinate
+    descent from `init` with its two ends fixed (cf. Sabour et al. 2024; Watson et al. 2021)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    check_choice(sampler, ODE_SAMPLERS, "sampler")
+    S = check_int(steps, "steps", 2, schedule.num_timesteps)
+    iters, n = check_int(iters, "iters", 0), check_int(n, "n", 1)
+    candidates = check_int(candidates, "candidates", 2)
+    if init is None:
+        init = respace(schedule, S, *default_discretisation(schedule, sampler, S, prediction))
+        init = init.timesteps
+    ts = _explicit_timesteps(init, schedule.num_timesteps, S, name="init").tolist()
+    if shape is None:
+        if getattr(model, "mixture", None) is None:
+            raise ValueError("shape (of one sample) is required unless the model is an oracle")
+        shape = (model.mixture.dim,)
+    shape = tuple(check_int(d, "shape", 1) for d in shape)
+    dev = _device_for(model, None)
+    g_dev = generator.device if generator is not None else dev
+    x_T = torch.randn((n, *shape), generator=generator, dtype=dtype, device=g_dev).to(dev)
+    ref = ode_reference(model, schedule, x_T, ts[-1], prediction=prediction)
+
+    def loss(t):
+        with warnings.catch_warnings():  # a candidate may blow up: it is just not taken
+            warnings.simplefilter("ignore", SamplingWarning)
+            e = discretisation_error(
+                model, schedule, t, sampler, noise=x_T, reference=ref, prediction=prediction
+            )
+        return e if math.isfinite(e) else math.inf
+
+    lam = _half_log_snr(schedule.alphas_cumprod.cpu().double().numpy())
+    best, k2 = loss(ts), max(2, candidates // 2)
+    for _ in tqdm(range(iters), disable=not progress, desc=f"{sampler}, {S} steps"):
+        moved = False
+        for i in reversed(range(1, S - 1)):  # one knot at a time, from the noisy end
+            for c in _knot_candidates(lam, ts[i - 1] + 1, ts[i + 1] - 1, ts[i], candidates):
+                trial = ts[:i] + [c] + ts[i + 1 :]
+                e = loss(trial)
+                if e < best:
+                    best, ts, moved = e, trial, True
+        for i in reversed(range(1, S - 2)) if not moved else ():  # stuck: two neighbours
+            grid = _knot_candidates(lam, ts[i - 1] + 1, ts[i + 2] - 1, -1, k2)
+            for a in grid:
+                for b in (b for b in grid if b > a):
+                    trial = ts[:i] + [a, b] + ts[i + 2 :]
+                    e = loss(trial)
+                    if e < best:
+                        best, ts, moved = e, trial, True
+        if not moved:
+            break
+    return torch.tensor(ts)

@@ -1,0 +1,174 @@
+"""Time discretisations optimised for a budget against the exact oracle, and how they transfer.
+
+For each sampler and NFE: `optimise_timesteps` on ONE mixture and schedule (the 8-Gaussian ring, cosine,
+T = 1000; --n-opt draws of x_T, --iters sweeps), then, on held-out x_T, the default discretisation against
+the optimised one on every mixture of benchmarks/bench_sampler_error.py (ring, grid, narrow, 10-D) and both
+schedules (linear, cosine): (a) the RMS distance of the solver's x_0 to the probability-flow ODE's from the
+same x_T (`discretisation_error`, Eq. eq-sampling-steps-objective), (b) SW1 and MMD² to fresh mixture draws
+(the benchmark's metric functions), with diffusers' best solver at the same NFE. On the linear schedule the
+optimised knots are carried over in normalised log-SNR between the linear default's own two ends. Then the
+trained digits model (cosine, eps): FID (shipped digits classifier, against the train split) of the default
+and of the ring-optimised timesteps, same code t.
+
+    python scripts/optimise_steps.py [--n-opt 512] [--iters 8] [--n 2000] [--seeds 2] [--nfe 5 7 10]
+        [--samplers dpmpp2m unipc ddim] [--digits-n 2000] [--digits-seeds 3] [--out FILE]
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_sampler_error import diffusers_sample, diffusers_solvers, mixtures, sliced_w1  # noqa: E402
+
+from simple_diffusion.data import load_digits  # noqa: E402
+from simple_diffusion.metrics import extract_features, fid_from_features, load_digits_classifier, mmd2_rbf  # noqa: E402
+from simple_diffusion.oracle import GaussianMixtureOracle  # noqa: E402
+from simple_diffusion.pretrained import load  # noqa: E402
+from simple_diffusion.sampling import (SamplingWarning, default_discretisation, discretisation_error,  # noqa: E402
+                                       ode_reference, optimise_timesteps, respace, sample)
+from simple_diffusion.schedules import NoiseSchedule  # noqa: E402
+
+
+def half_log_snr(schedule) -> np.ndarray:
+    ab = schedule.alphas_cumprod.double().numpy()
+    return 0.5 * (np.log(ab) - np.log1p(-ab))
+
+
+def default_steps(schedule, sampler, nfe) -> list:
+    return respace(schedule, nfe, *default_discretisation(schedule, sampler, nfe)).timesteps.tolist()
+
+
+def transfer(ts, src, dst, dst_ends) -> list:
+    "Knots ts of schedule src carried to dst at the same normalised log-SNR between dst's ends (t_lo, t_hi)."
+    ls, ld = half_log_snr(src), half_log_snr(dst)
+    u = (ls[ts] - ls[ts[-1]]) / (ls[ts[0]] - ls[ts[-1]])
+    lo, hi = dst_ends
+    target = ld[hi] + u * (ld[lo] - ld[hi])
+    t = np.interp(target, ld[::-1], np.arange(len(ld))[::-1]).round().astype(int)
+    t[0], t[-1] = lo, hi
+    for i in range(1, len(t) - 1):
+        t[i] = min(max(t[i], t[i - 1] + 1), hi - (len(t) - 1 - i))
+    return t.tolist()
+
+
+def metrics(x, ref, h, projections):
+    x = x.double()
+    return sliced_w1(x, ref, projections), mmd2_rbf(x[:2000], ref[:2000], h)
+
+
+def run(args) -> dict:
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore", SamplingWarning)
+    out = {"command": "python " + " ".join(sys.argv),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} thread(s), "
+                      f"torch {torch.__version__}",
+           "settings": vars(args), "optimised_on": "ring/cosine", "optimised": {}, "transfer": {}, "digits": {}}
+    mixes = mixtures()
+    t0 = time.perf_counter()
+    # 1. optimise on the ring, cosine
+    cos = NoiseSchedule.from_name("cosine", 1000)
+    ring = GaussianMixtureOracle(mixes["ring"], cos)
+    for sampler in args.samplers:
+        for nfe in args.nfe:
+            ts0 = default_steps(cos, sampler, nfe)
+            g = torch.Generator().manual_seed(0)
+            t1 = time.perf_counter()
+            ts = optimise_timesteps(ring, cos, nfe, sampler, n=args.n_opt, iters=args.iters, generator=g)
+            x_T = torch.randn(args.n_opt, 2, generator=torch.Generator().manual_seed(0))
+            ref = ode_reference(ring, cos, x_T, ts0[-1])
+            e0, e1 = (discretisation_error(ring, cos, t, sampler, noise=x_T, reference=ref) for t in (ts0, ts))
+            out["optimised"][f"{sampler}/{nfe}"] = {
+                "default": ts0, "optimised": ts.tolist(), "seconds": time.perf_counter() - t1,
+                "rms_train_default": e0 ** 0.5, "rms_train_optimised": e1 ** 0.5}
+            print(f"optimised {sampler} {nfe}: {ts0} -> {ts.tolist()}, train RMS {e0 ** 0.5:.4f} -> "
+                  f"{e1 ** 0.5:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    # 2. held-out x_T on every mixture and schedule
+    for sname in ("cosine", "linear"):
+        sched = NoiseSchedule.from_name(sname, 1000)
+        theirs = diffusers_solvers(sched.betas.numpy()) if not args.no_diffusers else {}
+        for mname, mix in mixes.items():
+            oracle = GaussianMixtureOracle(mix, sched)
+            h = 0.5 * float(mix.stds.min())
+            key = f"{mname}/{sname}"
+            res = out["transfer"][key] = {}
+            for seed in range(args.seeds):
+                x_T = torch.randn(args.n, mix.dim, generator=torch.Generator().manual_seed(100 + seed))
+                fresh = mix.sample(args.n, torch.Generator().manual_seed(5000 + seed))[0]
+                refs = {}
+                for sampler in args.samplers:
+                    for nfe in args.nfe:
+                        ts0 = default_steps(sched, sampler, nfe)
+                        ts1 = out["optimised"][f"{sampler}/{nfe}"]["optimised"]
+                        if sname != "cosine":
+                            ts1 = transfer(ts1, cos, sched, (ts0[0], ts0[-1]))
+                        if ts0[-1] not in refs:
+                            refs[ts0[-1]] = ode_reference(oracle, sched, x_T, ts0[-1])
+                        for variant, ts in (("default", ts0), ("optimised", ts1)):
+                            x = sample(oracle, sched, x_T.shape, sampler, spacing=ts, noise=x_T)
+                            rms = float((x - refs[ts0[-1]]).double().pow(2).sum(1).mean().sqrt())
+                            r = res.setdefault(f"{sampler}/{nfe}/{variant}", {"timesteps": ts, "runs": []})
+                            r["runs"].append([rms, *metrics(x, fresh, h, args.projections)])
+                for nfe in args.nfe:
+                    for name, make in theirs.items():
+                        x = diffusers_sample(make(), oracle, x_T, nfe)
+                        r = res.setdefault(f"diffusers {name}/{nfe}", {"runs": []})
+                        r["runs"].append([None, *metrics(x, fresh, h, args.projections)])
+            print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    # 3. the trained digits model: same schedule (cosine), same code timesteps
+    if args.digits_seeds:
+        model, dsched, cfg = load("digits")
+        out["digits"]["schedule"] = cfg.schedule
+        clf = load_digits_classifier()
+        f_train = extract_features(load_digits("train")[0], clf)[0]
+        for sampler in args.samplers:
+            for nfe in [n for n in args.digits_nfe if n in args.nfe]:
+                for variant in ("default", "optimised"):
+                    ts = out["optimised"][f"{sampler}/{nfe}"][variant]
+                    fids = []
+                    for seed in range(args.digits_seeds):
+                        x = sample(model, dsched, (args.digits_n, 1, 8, 8), sampler, spacing=ts,
+                                   prediction=cfg.prediction, generator=torch.Generator().manual_seed(seed),
+                                   batch_size=500)
+                        fids.append(fid_from_features(extract_features(x.clamp(-1, 1), clf)[0], f_train))
+                    out["digits"][f"{sampler}/{nfe}/{variant}"] = {"timesteps": ts, "fid": fids}
+                    print(f"digits {sampler} {nfe} {variant}: FID {np.mean(fids):.3f} ± "
+                          f"{np.std(fids, ddof=1) / math.sqrt(len(fids)):.3f} ({time.perf_counter() - t0:.0f} s)",
+                          file=sys.stderr, flush=True)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-opt", type=int, default=512, help="draws of x_T the optimiser uses")
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--n", type=int, default=2000, help="held-out samples per seed")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--projections", type=int, default=200)
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 7, 10])
+    p.add_argument("--samplers", nargs="+", default=["dpmpp2m", "unipc", "ddim"])
+    p.add_argument("--digits-n", type=int, default=2000)
+    p.add_argument("--digits-seeds", type=int, default=3)
+    p.add_argument("--digits-nfe", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    out = run(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
