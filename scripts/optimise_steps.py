@@ -10,8 +10,13 @@ optimised knots are carried over in normalised log-SNR between the linear defaul
 trained digits model (cosine, eps): FID (shipped digits classifier, against the train split) of the default
 and of the ring-optimised timesteps, same code t.
 
-    python scripts/optimise_steps.py [--n-opt 512] [--iters 8] [--n 2000] [--seeds 2] [--nfe 5 7 10]
+The optimiser starts from the default discretisation and, for UniPC and DDIM, also from the DPM-Solver++(2M)
+optimum at the same NFE where that has the same two ends (a second start: the objective has local minima).
+
+    python scripts/optimise_steps.py [--n-opt 512] [--iters 8] [--n 1000] [--seeds 2] [--nfe 5 7 10]
         [--samplers dpmpp2m unipc ddim] [--digits-n 2000] [--digits-seeds 3] [--out FILE]
+    in two processes: --parts optimise digits --out A.json; once A.json exists (written after the optimisation),
+    --parts transfer --knots-from A.json --out B.json; then --merge A.json B.json --out FILE
 """
 import argparse
 import datetime
@@ -39,6 +44,9 @@ from simple_diffusion.sampling import (SamplingWarning, default_discretisation, 
 from simple_diffusion.schedules import NoiseSchedule  # noqa: E402
 
 
+VARIANTS = ("default", "optimised", "optimised_gap")    # optimised_gap: no step below --min-gap of the uniform one
+
+
 def half_log_snr(schedule) -> np.ndarray:
     ab = schedule.alphas_cumprod.double().numpy()
     return 0.5 * (np.log(ab) - np.log1p(-ab))
@@ -63,7 +71,7 @@ def transfer(ts, src, dst, dst_ends) -> list:
 
 def metrics(x, ref, h, projections):
     x = x.double()
-    return sliced_w1(x, ref, projections), mmd2_rbf(x[:2000], ref[:2000], h)
+    return sliced_w1(x, ref, projections), mmd2_rbf(x[:1000], ref[:1000], h)
 
 
 def run(args) -> dict:
@@ -79,22 +87,42 @@ def run(args) -> dict:
     # 1. optimise on the ring, cosine
     cos = NoiseSchedule.from_name("cosine", 1000)
     ring = GaussianMixtureOracle(mixes["ring"], cos)
-    for sampler in args.samplers:
+    if args.knots_from:
+        out["optimised"] = json.load(open(args.knots_from))["optimised"]
+    for sampler in args.samplers if "optimise" in args.parts else ():
         for nfe in args.nfe:
             ts0 = default_steps(cos, sampler, nfe)
+            starts = [ts0]
+            warm = out["optimised"].get(f"dpmpp2m/{nfe}", {}).get("optimised")
+            if sampler != "dpmpp2m" and warm and warm[-1] == ts0[-1]:
+                starts.append(warm)
             g = torch.Generator().manual_seed(0)
             t1 = time.perf_counter()
-            ts = optimise_timesteps(ring, cos, nfe, sampler, n=args.n_opt, iters=args.iters, generator=g)
+            ts = optimise_timesteps(ring, cos, nfe, sampler, n=args.n_opt, iters=args.iters, generator=g,
+                                    init=starts)
+            t2 = time.perf_counter()
+            warm_gap = out["optimised"].get(f"dpmpp2m/{nfe}", {}).get("optimised_gap")
+            starts_gap = [ts0, ts.tolist()] + ([warm_gap] if sampler != "dpmpp2m" and warm_gap
+                                               and warm_gap[-1] == ts0[-1] else [])
+            ts_gap = optimise_timesteps(ring, cos, nfe, sampler, n=args.n_opt, iters=args.iters,
+                                        generator=torch.Generator().manual_seed(0), init=starts_gap,
+                                        min_gap=args.min_gap)
             x_T = torch.randn(args.n_opt, 2, generator=torch.Generator().manual_seed(0))
             ref = ode_reference(ring, cos, x_T, ts0[-1])
-            e0, e1 = (discretisation_error(ring, cos, t, sampler, noise=x_T, reference=ref) for t in (ts0, ts))
+            e0, e1, e2 = (discretisation_error(ring, cos, t, sampler, noise=x_T, reference=ref)
+                          for t in (ts0, ts, ts_gap))
             out["optimised"][f"{sampler}/{nfe}"] = {
-                "default": ts0, "optimised": ts.tolist(), "seconds": time.perf_counter() - t1,
-                "rms_train_default": e0 ** 0.5, "rms_train_optimised": e1 ** 0.5}
-            print(f"optimised {sampler} {nfe}: {ts0} -> {ts.tolist()}, train RMS {e0 ** 0.5:.4f} -> "
-                  f"{e1 ** 0.5:.4f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+                "default": ts0, "optimised": ts.tolist(), "optimised_gap": ts_gap.tolist(), "starts": starts,
+                "starts_gap": starts_gap, "seconds": t2 - t1, "seconds_gap": time.perf_counter() - t2,
+                "rms_train_default": e0 ** 0.5, "rms_train_optimised": e1 ** 0.5, "rms_train_optimised_gap": e2 ** 0.5}
+            print(f"optimised {sampler} {nfe}: {ts0} -> {ts.tolist()} / gap {ts_gap.tolist()}, train RMS "
+                  f"{e0 ** 0.5:.4f} -> {e1 ** 0.5:.4f} / {e2 ** 0.5:.4f} ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr, flush=True)
+    if args.out and "optimise" in args.parts:
+        with open(args.out, "w") as f:                      # the knots, for a --parts transfer process
+            json.dump(out, f, indent=1)
     # 2. held-out x_T on every mixture and schedule
-    for sname in ("cosine", "linear"):
+    for sname in ("cosine", "linear") if "transfer" in args.parts else ():
         sched = NoiseSchedule.from_name(sname, 1000)
         theirs = diffusers_solvers(sched.betas.numpy()) if not args.no_diffusers else {}
         for mname, mix in mixes.items():
@@ -109,31 +137,32 @@ def run(args) -> dict:
                 for sampler in args.samplers:
                     for nfe in args.nfe:
                         ts0 = default_steps(sched, sampler, nfe)
-                        ts1 = out["optimised"][f"{sampler}/{nfe}"]["optimised"]
-                        if sname != "cosine":
-                            ts1 = transfer(ts1, cos, sched, (ts0[0], ts0[-1]))
+                        variants = {"default": ts0}
+                        for v in VARIANTS[1:]:
+                            ts1 = out["optimised"][f"{sampler}/{nfe}"][v]
+                            variants[v] = ts1 if sname == "cosine" else transfer(ts1, cos, sched, (ts0[0], ts0[-1]))
                         if ts0[-1] not in refs:
                             refs[ts0[-1]] = ode_reference(oracle, sched, x_T, ts0[-1])
-                        for variant, ts in (("default", ts0), ("optimised", ts1)):
+                        for variant, ts in variants.items():
                             x = sample(oracle, sched, x_T.shape, sampler, spacing=ts, noise=x_T)
                             rms = float((x - refs[ts0[-1]]).double().pow(2).sum(1).mean().sqrt())
                             r = res.setdefault(f"{sampler}/{nfe}/{variant}", {"timesteps": ts, "runs": []})
                             r["runs"].append([rms, *metrics(x, fresh, h, args.projections)])
-                for nfe in args.nfe:
+                for nfe in [n for n in args.diffusers_nfe if n in args.nfe]:
                     for name, make in theirs.items():
                         x = diffusers_sample(make(), oracle, x_T, nfe)
                         r = res.setdefault(f"diffusers {name}/{nfe}", {"runs": []})
                         r["runs"].append([None, *metrics(x, fresh, h, args.projections)])
             print(f"{key}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     # 3. the trained digits model: same schedule (cosine), same code timesteps
-    if args.digits_seeds:
+    if args.digits_seeds and "digits" in args.parts:
         model, dsched, cfg = load("digits")
         out["digits"]["schedule"] = cfg.schedule
         clf = load_digits_classifier()
         f_train = extract_features(load_digits("train")[0], clf)[0]
         for sampler in args.samplers:
             for nfe in [n for n in args.digits_nfe if n in args.nfe]:
-                for variant in ("default", "optimised"):
+                for variant in VARIANTS:
                     ts = out["optimised"][f"{sampler}/{nfe}"][variant]
                     fids = []
                     for seed in range(args.digits_seeds):
@@ -152,8 +181,9 @@ def run(args) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-opt", type=int, default=512, help="draws of x_T the optimiser uses")
-    p.add_argument("--iters", type=int, default=8)
-    p.add_argument("--n", type=int, default=2000, help="held-out samples per seed")
+    p.add_argument("--iters", type=int, default=6)
+    p.add_argument("--min-gap", type=float, default=0.5, help="min_gap of the constrained variant")
+    p.add_argument("--n", type=int, default=1000, help="held-out samples per seed")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--projections", type=int, default=200)
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 7, 10])
@@ -161,9 +191,26 @@ def main():
     p.add_argument("--digits-n", type=int, default=2000)
     p.add_argument("--digits-seeds", type=int, default=3)
     p.add_argument("--digits-nfe", type=int, nargs="+", default=[5, 10])
+    p.add_argument("--diffusers-nfe", type=int, nargs="+", default=[5, 10])
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--parts", nargs="+", default=["optimise", "transfer", "digits"])
+    p.add_argument("--knots-from", default=None, help="take the optimised knots from this results file")
+    p.add_argument("--merge", nargs="+", default=None, help="merge the results files of --parts runs into --out")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.merge:
+        parts = [json.load(open(f)) for f in args.merge]
+        out = dict(parts[0])
+        for part in parts[1:]:
+            for k, v in part["optimised"].items():
+                assert v == out["optimised"][k], k                             # the same knots everywhere
+            out["transfer"].update(part["transfer"])
+            out["digits"].update(part["digits"])
+        out["command"] = " ; ".join(part["command"] for part in parts) + " ; then " + "python " + " ".join(sys.argv)
+        out["seconds"] = max(part.get("seconds", 0) for part in parts)
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+        return
     out = run(args)
     if args.out:
         with open(args.out, "w") as f:

@@ -955,14 +955,16 @@ def optimise_timesteps(
     prediction: str = "eps",  # what the model predicts
     n: int = 512,  # draws of x_T the error is estimated on
     generator: torch.Generator | None = None,  # source of those draws
-    init=None,  # [S] starting code timesteps; None: the default discretisation
+    init=None,  # [S] start, or [K, S] starts with the same ends; None: the default
     iters: int = 4,  # sweeps of coordinate descent, >= 0
     candidates: int = 16,  # knots tried per coordinate move, >= 2
+    min_gap: float = 0.0,  # smallest step in λ allowed, as a fraction of the uniform step, [0, 1]
     dtype: torch.dtype = torch.float32,  # dtype of the draws
     progress: bool = False,  # a tqdm bar over the sweeps
 ) -> torch.Tensor:  # [S] long: ascending code timesteps, for `sample(..., spacing=)`
     """The S code timesteps minimising Eq. (eq-sampling-steps-objective) on n draws, by coordinate
-    descent from `init` with its two ends fixed (cf. Sabour et al. 2024; Watson et al. 2021)."""
+    descent from `init` (from each start, keeping the best) with the two ends fixed (cf. Sabour et
+    al. 2024; Watson et al. 2021)."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
@@ -971,10 +973,15 @@ def optimise_timesteps(
     S = check_int(steps, "steps", 2, schedule.num_timesteps)
     iters, n = check_int(iters, "iters", 0), check_int(n, "n", 1)
     candidates = check_int(candidates, "candidates", 2)
+    min_gap = check_number(min_gap, "min_gap", 0, 1)
     if init is None:
         init = respace(schedule, S, *default_discretisation(schedule, sampler, S, prediction))
         init = init.timesteps
-    ts = _explicit_timesteps(init, schedule.num_timesteps, S, name="init").tolist()
+    nested = isinstance(init, (list, tuple)) and len(init) > 0 and np.ndim(init[0]) >= 1
+    starts = list(init) if nested or getattr(init, "ndim", 1) == 2 else [init]
+    starts = [_explicit_timesteps(t, schedule.num_timesteps, S, name="init") for t in starts]
+    if any(t[-1] != starts[0][-1] for t in starts):
+        raise ValueError("init: every start must have the same last (noisiest) timestep")
     if shape is None:
         if getattr(model, "mixture", None) is None:
             raise ValueError("shape (of one sample) is required unless the model is an oracle")
@@ -983,9 +990,14 @@ def optimise_timesteps(
     dev = _device_for(model, None)
     g_dev = generator.device if generator is not None else dev
     x_T = torch.randn((n, *shape), generator=generator, dtype=dtype, device=g_dev).to(dev)
-    ref = ode_reference(model, schedule, x_T, ts[-1], prediction=prediction)
+    ref = ode_reference(model, schedule, x_T, int(starts[0][-1]), prediction=prediction)
+
+    lam = _half_log_snr(schedule.alphas_cumprod.cpu().double().numpy())
+    h_min = min_gap * (lam[0] - lam[int(starts[0][-1])]) / (S - 1)
 
     def loss(t):
+        if min_gap and np.diff(lam[t]).max() > -h_min:  # a step shorter than h_min in λ
+            return math.inf
         with warnings.catch_warnings():  # a candidate may blow up: it is just not taken
             warnings.simplefilter("ignore", SamplingWarning)
             e = discretisation_error(
@@ -993,9 +1005,14 @@ def optimise_timesteps(
             )
         return e if math.isfinite(e) else math.inf
 
-    lam = _half_log_snr(schedule.alphas_cumprod.cpu().double().numpy())
-    best, k2 = loss(ts), max(2, candidates // 2)
-    for _ in tqdm(range(iters), disable=not progress, desc=f"{sampler}, {S} steps"):
+    found = [_descend(loss, lam, t.tolist(), iters, candidates, progress) for t in starts]
+    return torch.tensor(min(found)[1])
+
+
+def _descend(loss, lam, ts, iters, candidates, progress):
+    "Coordinate descent of `loss` from the knots ts: single knots, then pairs; (loss, knots)."
+    S, best, k2 = len(ts), loss(ts), max(2, candidates // 2)
+    for _ in tqdm(range(iters), disable=not progress, desc=f"{S} steps"):
         moved = False
         for i in reversed(range(1, S - 1)):  # one knot at a time, from the noisy end
             for c in _knot_candidates(lam, ts[i - 1] + 1, ts[i + 1] - 1, ts[i], candidates):
@@ -1013,4 +1030,4 @@ def optimise_timesteps(
                         best, ts, moved = e, trial, True
         if not moved:
             break
-    return torch.tensor(ts)
+    return best, ts

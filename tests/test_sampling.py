@@ -719,7 +719,9 @@ def test_optimise_timesteps_bad_input():
                      (dict(sampler="ddpm"), "sampler"), (dict(sampler="euler"), "sampler"),
                      (dict(iters=-1), "iters"), (dict(n=0), "n"), (dict(candidates=1), "candidates"),
                      (dict(init=[0, 500, 400, 700, 966]), "init"), (dict(init=[0, 500, 966]), "init"),
-                     (dict(init=[0, 10, 20, 30, 1000]), "init"), (dict(shape=(0,)), "shape")):
+                     (dict(init=[0, 10, 20, 30, 1000]), "init"), (dict(shape=(0,)), "shape"),
+                     (dict(init=[[0, 10, 20, 30, 966], [0, 10, 20, 30, 900]]), "init"),    # starts with other ends
+                     (dict(min_gap=-0.1), "min_gap"), (dict(min_gap=1.5), "min_gap")):
         args = dict(dict(steps=5, sampler="dpmpp2m", **ok), **kw)
         steps, sampler = args.pop("steps"), args.pop("sampler")
         with pytest.raises(ValueError, match=name):
@@ -741,3 +743,25 @@ def test_optimise_timesteps_bad_input():
         ode_reference(ORACLE, SCHED, torch.full((8, 2), float("nan")), 500)
     assert ODE_SAMPLERS == tuple(s for s in SAMPLERS if s != "ddpm")
     assert optimise_timesteps(ORACLE, SCHED, 5, **ok).tolist() == _default_ts(SCHED, "dpmpp2m", 5).tolist()  # 0 sweeps
+
+
+def test_optimise_timesteps_several_starts_and_min_gap():
+    """Several starts: the best of the descents from each, so never worse than from the default alone; min_gap:
+    no step shorter in λ than that fraction of the uniform step (UniPC's unconstrained 5-step optimum on the ring
+    takes a step of 0.05x)."""
+    from simple_diffusion.sampling import _half_log_snr
+    lam = _half_log_snr(SCHED.alphas_cumprod.double().numpy())
+    kw = dict(n=128, iters=2, generator=torch.Generator().manual_seed(0))
+    ts0 = _default_ts(SCHED, "unipc", 5).tolist()
+    alone = optimise_timesteps(ORACLE, SCHED, 5, "unipc", **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    both = optimise_timesteps(ORACLE, SCHED, 5, "unipc", init=[ts0, [0, 30, 111, 422, ts0[-1]]], **kw)
+    x_T = torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    err = lambda t: discretisation_error(ORACLE, SCHED, t, "unipc", noise=x_T)
+    assert err(both) <= err(alone)
+    h_uniform = (lam[0] - lam[ts0[-1]]) / 4
+    for gap in (0.3, 0.6):
+        kw["generator"] = torch.Generator().manual_seed(0)
+        ts = optimise_timesteps(ORACLE, SCHED, 5, "unipc", min_gap=gap, **kw)
+        assert (-np.diff(lam[ts.numpy()])).min() >= gap * h_uniform - 1e-12
+        assert ts[0] == 0 and ts[-1] == ts0[-1]
