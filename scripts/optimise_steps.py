@@ -15,8 +15,10 @@ optimum at the same NFE where that has the same two ends (a second start: the ob
 
     python scripts/optimise_steps.py [--n-opt 512] [--iters 8] [--n 1000] [--seeds 2] [--nfe 5 7 10]
         [--samplers dpmpp2m unipc ddim] [--digits-n 2000] [--digits-seeds 3] [--out FILE]
-    in two processes: --parts optimise digits --out A.json; once A.json exists (written after the optimisation),
-    --parts transfer --knots-from A.json --out B.json; then --merge A.json B.json --out FILE
+    in three processes: --parts optimise digits --out A.json; once A.json exists (written after the
+    optimisation), --parts transfer --knots-from A.json --out B.json; --parts self --out C.json (each mixture's
+    own optimum, NFE 5, cosine); --parts digits_self --out D.json (steps optimised on the digits network's own
+    ODE, NFE 5); then --merge A.json B.json C.json D.json --out FILE
 """
 import argparse
 import datetime
@@ -81,7 +83,8 @@ def run(args) -> dict:
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} thread(s), "
                       f"torch {torch.__version__}",
-           "settings": vars(args), "optimised_on": "ring/cosine", "optimised": {}, "transfer": {}, "digits": {}}
+           "settings": vars(args), "optimised_on": "ring/cosine", "optimised": {}, "transfer": {}, "digits": {},
+           "self": {}}
     mixes = mixtures()
     t0 = time.perf_counter()
     # 1. optimise on the ring, cosine
@@ -174,6 +177,49 @@ def run(args) -> dict:
                     print(f"digits {sampler} {nfe} {variant}: FID {np.mean(fids):.3f} ± "
                           f"{np.std(fids, ddof=1) / math.sqrt(len(fids)):.3f} ({time.perf_counter() - t0:.0f} s)",
                           file=sys.stderr, flush=True)
+    # 4. each mixture's own optimum (cosine): does optimising help where the steps are optimised?
+    for mname in args.self_mixtures if "self" in args.parts else ():
+        mix = mixes[mname]
+        oracle = GaussianMixtureOracle(mix, cos)
+        h = 0.5 * float(mix.stds.min())
+        res = out["self"].setdefault(f"{mname}/cosine", {})
+        for sampler in args.self_samplers:
+            for nfe in args.self_nfe:
+                ts0 = default_steps(cos, sampler, nfe)
+                t1 = time.perf_counter()
+                ts = optimise_timesteps(oracle, cos, nfe, sampler, n=args.n_opt, iters=args.iters,
+                                        generator=torch.Generator().manual_seed(0)).tolist()
+                r = res[f"{sampler}/{nfe}"] = {"timesteps": ts, "seconds": time.perf_counter() - t1, "runs": []}
+                for seed in range(args.seeds):                      # the held-out draws of part 2
+                    x_T = torch.randn(args.n, mix.dim, generator=torch.Generator().manual_seed(100 + seed))
+                    fresh = mix.sample(args.n, torch.Generator().manual_seed(5000 + seed))[0]
+                    ref = ode_reference(oracle, cos, x_T, ts0[-1])
+                    x = sample(oracle, cos, x_T.shape, sampler, spacing=ts, noise=x_T)
+                    rms = float((x - ref).double().pow(2).sum(1).mean().sqrt())
+                    r["runs"].append([rms, *metrics(x, fresh, h, args.projections)])
+                print(f"self {mname} {sampler} {nfe}: {ts0} -> {ts} ({time.perf_counter() - t0:.0f} s)",
+                      file=sys.stderr, flush=True)
+    # 5. steps optimised against the digits network's own probability-flow ODE (no oracle), then FID
+    if "digits_self" in args.parts:
+        model, dsched, cfg = load("digits")
+        clf = load_digits_classifier()
+        f_train = extract_features(load_digits("train")[0], clf)[0]
+        for sampler in args.self_samplers:
+            for nfe in args.self_nfe:
+                t1 = time.perf_counter()
+                ts = optimise_timesteps(model, dsched, nfe, sampler, shape=(1, 8, 8), prediction=cfg.prediction,
+                                        n=args.digits_self_n, iters=args.digits_self_iters, candidates=8,
+                                        generator=torch.Generator().manual_seed(0)).tolist()
+                fids = []
+                for seed in range(args.digits_seeds):
+                    x = sample(model, dsched, (args.digits_n, 1, 8, 8), sampler, spacing=ts,
+                               prediction=cfg.prediction, generator=torch.Generator().manual_seed(seed),
+                               batch_size=500)
+                    fids.append(fid_from_features(extract_features(x.clamp(-1, 1), clf)[0], f_train))
+                out["digits"][f"{sampler}/{nfe}/self"] = {"timesteps": ts, "fid": fids,
+                                                         "seconds": time.perf_counter() - t1}
+                print(f"digits self {sampler} {nfe}: {ts}, FID {np.mean(fids):.3f} "
+                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -193,7 +239,12 @@ def main():
     p.add_argument("--digits-nfe", type=int, nargs="+", default=[5, 10])
     p.add_argument("--diffusers-nfe", type=int, nargs="+", default=[5, 10])
     p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--parts", nargs="+", default=["optimise", "transfer", "digits"])
+    p.add_argument("--parts", nargs="+", default=["optimise", "transfer", "digits", "self", "digits_self"])
+    p.add_argument("--self-mixtures", nargs="+", default=["grid", "narrow", "10-D"])
+    p.add_argument("--self-samplers", nargs="+", default=["dpmpp2m", "unipc"])
+    p.add_argument("--self-nfe", type=int, nargs="+", default=[5])
+    p.add_argument("--digits-self-n", type=int, default=256, help="draws for optimising on the digits network")
+    p.add_argument("--digits-self-iters", type=int, default=2)
     p.add_argument("--knots-from", default=None, help="take the optimised knots from this results file")
     p.add_argument("--merge", nargs="+", default=None, help="merge the results files of --parts runs into --out")
     p.add_argument("--out", default=None)
@@ -206,6 +257,7 @@ def main():
                 assert v == out["optimised"][k], k                             # the same knots everywhere
             out["transfer"].update(part["transfer"])
             out["digits"].update(part["digits"])
+            out.setdefault("self", {}).update(part.get("self", {}))
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then " + "python " + " ".join(sys.argv)
         out["seconds"] = max(part.get("seconds", 0) for part in parts)
         with open(args.out, "w") as f:
