@@ -877,8 +877,15 @@ def sample(
     )
 
 # %% ../nbs/12_sampling.ipynb #926bd0d1
-ODE_SAMPLERS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc")  # the deterministic solvers (η = 0)
-REFERENCE_SAMPLER = "dpmpp3m"  # integrates the ODE over every code step for the reference
+ODE_SAMPLERS = (
+    "ddim",
+    "dpmpp2m",
+    "dpmpp3m",
+    "unipc",
+)  # the deterministic solvers (η = 0)
+REFERENCE_SAMPLER = (
+    "dpmpp3m"  # integrates the ODE over every code step for the reference
+)
 
 
 @torch.no_grad()
@@ -890,8 +897,8 @@ def ode_reference(
     *,
     prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
 ) -> torch.Tensor:  # [N, ...] Φ_∞(x_T): the probability-flow ODE's x_0
-    """Φ_∞ of Eq. (eq-sampling-steps-objective): the probability-flow ODE (Song et al. 2021, Sec. 4.3)
-    from x_{t_start} = noise, by REFERENCE_SAMPLER over every code step t_start, ..., 0."""
+    """Φ_∞ of Eq. (eq-sampling-steps-objective): the probability-flow ODE (Song et al. 2021,
+    Sec. 4.3) from x_{t_start} = noise, by REFERENCE_SAMPLER over every code step down to 0."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
@@ -911,11 +918,12 @@ def discretisation_error(
     sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
     *,
     noise: torch.Tensor,  # [N, ...] x_T at timesteps[-1]
-    reference: torch.Tensor | None = None,  # [N, ...] ode_reference of that noise; None: computed
+    reference: torch.Tensor
+    | None = None,  # [N, ...] ode_reference of that noise; None: computed
     prediction: str = "eps",  # what the model predicts
 ) -> float:  # the estimate of E(τ), Eq. (eq-sampling-steps-objective)
-    """Mean over the batch of ‖Φ_τ(x_T) - Φ_∞(x_T)‖², Eq. (eq-sampling-steps-objective): the solver
-    on `timesteps` against the probability-flow ODE from the same x_T."""
+    """Mean over the batch of ‖Φ_τ(x_T) - Φ_∞(x_T)‖², Eq. (eq-sampling-steps-objective): the
+    solver on `timesteps` against the probability-flow ODE from the same x_T."""
     check_choice(sampler, ODE_SAMPLERS, "sampler")
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
@@ -923,7 +931,9 @@ def discretisation_error(
         )
     ts = _explicit_timesteps(timesteps, schedule.num_timesteps, name="timesteps")
     if reference is None:
-        reference = ode_reference(model, schedule, noise, int(ts[-1]), prediction=prediction)
+        reference = ode_reference(
+            model, schedule, noise, int(ts[-1]), prediction=prediction
+        )
     check_tensor(reference, "reference", shape=tuple(noise.shape))
     denoiser = Denoiser(model, getattr(schedule, "parent", schedule), prediction)
     x = run_sampler(denoiser, SpacedSchedule(schedule, ts), noise, sampler)
@@ -931,16 +941,21 @@ def discretisation_error(
 
 # %% ../nbs/12_sampling.ipynb #82102df0
 def _knot_candidates(lam, lo, hi, cur, k):
-    """Knots to try in [lo, hi] (lam: λ of every code step): all if at most k, else k uniform in λ
-    and cur ± 1, 2, 4, ...; cur < lo: the grid only."""
+    """Knots to try in [lo, hi] (lam: λ of every code step): all if at most k, else k
+    uniform in λ and cur ± 1, 2, 4, ...; cur < lo: the grid only."""
     if hi - lo + 1 <= k:
         return [c for c in range(lo, hi + 1) if c != cur]
     target = np.linspace(lam[hi], lam[lo], k)  # λ falls as t grows
     steps_lo_hi = np.arange(lo, hi + 1)
-    grid = {int(c) for c in np.interp(target, lam[lo : hi + 1][::-1], steps_lo_hi[::-1]).round()}
+    grid = {
+        int(c)
+        for c in np.interp(target, lam[lo : hi + 1][::-1], steps_lo_hi[::-1]).round()
+    }
     if cur < lo:
         return sorted(grid)
-    local = [cur + s * 2**j for j in range(int(math.log2(hi - lo + 1)) + 1) for s in (-1, 1)]
+    local = [
+        cur + s * 2**j for j in range(int(math.log2(hi - lo + 1)) + 1) for s in (-1, 1)
+    ]
     return sorted((grid | {c for c in local if lo <= c <= hi}) - {cur})
 
 
@@ -951,20 +966,21 @@ def optimise_timesteps(
     steps: int,  # S >= 2, the budget of network evaluations
     sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
     *,
-    shape: tuple | None = None,  # the shape of one sample; None: (D,) of an oracle's mixture
+    shape: tuple
+    | None = None,  # the shape of one sample; None: (D,) of an oracle's mixture
     prediction: str = "eps",  # what the model predicts
     n: int = 512,  # draws of x_T the error is estimated on
     generator: torch.Generator | None = None,  # source of those draws
     init=None,  # [S] start, or [K, S] starts with the same ends; None: the default
     iters: int = 4,  # sweeps of coordinate descent, >= 0
     candidates: int = 16,  # knots tried per coordinate move, >= 2
-    min_gap: float = 0.0,  # smallest step in λ allowed, as a fraction of the uniform step, [0, 1]
+    min_gap: float = 0.0,  # smallest λ step allowed, a fraction of the uniform one, [0, 1]
     dtype: torch.dtype = torch.float32,  # dtype of the draws
     progress: bool = False,  # a tqdm bar over the sweeps
 ) -> torch.Tensor:  # [S] long: ascending code timesteps, for `sample(..., spacing=)`
-    """The S code timesteps minimising Eq. (eq-sampling-steps-objective) on n draws, by coordinate
-    descent from `init` (from each start, keeping the best) with the two ends fixed (cf. Sabour et
-    al. 2024; Watson et al. 2021)."""
+    """The S code timesteps minimising Eq. (eq-sampling-steps-objective) on n draws, by
+    coordinate descent from `init` (from each start, keeping the best) with the two ends
+    fixed (cf. Sabour et al. 2024; Watson et al. 2021)."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
@@ -975,21 +991,31 @@ def optimise_timesteps(
     candidates = check_int(candidates, "candidates", 2)
     min_gap = check_number(min_gap, "min_gap", 0, 1)
     if init is None:
-        init = respace(schedule, S, *default_discretisation(schedule, sampler, S, prediction))
+        init = respace(
+            schedule, S, *default_discretisation(schedule, sampler, S, prediction)
+        )
         init = init.timesteps
     nested = isinstance(init, (list, tuple)) and len(init) > 0 and np.ndim(init[0]) >= 1
     starts = list(init) if nested or getattr(init, "ndim", 1) == 2 else [init]
-    starts = [_explicit_timesteps(t, schedule.num_timesteps, S, name="init") for t in starts]
+    starts = [
+        _explicit_timesteps(t, schedule.num_timesteps, S, name="init") for t in starts
+    ]
     if any(t[-1] != starts[0][-1] for t in starts):
-        raise ValueError("init: every start must have the same last (noisiest) timestep")
+        raise ValueError(
+            "init: every start must have the same last (noisiest) timestep"
+        )
     if shape is None:
         if getattr(model, "mixture", None) is None:
-            raise ValueError("shape (of one sample) is required unless the model is an oracle")
+            raise ValueError(
+                "shape (of one sample) is required unless the model is an oracle"
+            )
         shape = (model.mixture.dim,)
     shape = tuple(check_int(d, "shape", 1) for d in shape)
     dev = _device_for(model, None)
     g_dev = generator.device if generator is not None else dev
-    x_T = torch.randn((n, *shape), generator=generator, dtype=dtype, device=g_dev).to(dev)
+    x_T = torch.randn((n, *shape), generator=generator, dtype=dtype, device=g_dev).to(
+        dev
+    )
     ref = ode_reference(model, schedule, x_T, int(starts[0][-1]), prediction=prediction)
 
     lam = _half_log_snr(schedule.alphas_cumprod.cpu().double().numpy())
@@ -1001,26 +1027,38 @@ def optimise_timesteps(
         with warnings.catch_warnings():  # a candidate may blow up: it is just not taken
             warnings.simplefilter("ignore", SamplingWarning)
             e = discretisation_error(
-                model, schedule, t, sampler, noise=x_T, reference=ref, prediction=prediction
+                model,
+                schedule,
+                t,
+                sampler,
+                noise=x_T,
+                reference=ref,
+                prediction=prediction,
             )
         return e if math.isfinite(e) else math.inf
 
-    found = [_descend(loss, lam, t.tolist(), iters, candidates, progress) for t in starts]
+    found = [
+        _descend(loss, lam, t.tolist(), iters, candidates, progress) for t in starts
+    ]
     return torch.tensor(min(found)[1])
 
 
 def _descend(loss, lam, ts, iters, candidates, progress):
-    "Coordinate descent of `loss` from the knots ts: single knots, then pairs; (loss, knots)."
+    "Coordinate descent of `loss` from the knots ts, single knots then pairs: (loss, knots)."
     S, best, k2 = len(ts), loss(ts), max(2, candidates // 2)
     for _ in tqdm(range(iters), disable=not progress, desc=f"{S} steps"):
         moved = False
         for i in reversed(range(1, S - 1)):  # one knot at a time, from the noisy end
-            for c in _knot_candidates(lam, ts[i - 1] + 1, ts[i + 1] - 1, ts[i], candidates):
+            for c in _knot_candidates(
+                lam, ts[i - 1] + 1, ts[i + 1] - 1, ts[i], candidates
+            ):
                 trial = ts[:i] + [c] + ts[i + 1 :]
                 e = loss(trial)
                 if e < best:
                     best, ts, moved = e, trial, True
-        for i in reversed(range(1, S - 2)) if not moved else ():  # stuck: two neighbours
+        for i in (
+            reversed(range(1, S - 2)) if not moved else ()
+        ):  # stuck: two neighbours
             grid = _knot_candidates(lam, ts[i - 1] + 1, ts[i + 2] - 1, -1, k2)
             for a in grid:
                 for b in (b for b in grid if b > a):
