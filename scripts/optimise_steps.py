@@ -247,6 +247,7 @@ def main():
     p.add_argument("--digits-self-iters", type=int, default=2)
     p.add_argument("--knots-from", default=None, help="take the optimised knots from this results file")
     p.add_argument("--merge", nargs="+", default=None, help="merge the results files of --parts runs into --out")
+    p.add_argument("--note", default=None, help="a remark on how the merged runs were made")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.merge:
@@ -260,6 +261,8 @@ def main():
             out.setdefault("self", {}).update(part.get("self", {}))
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then " + "python " + " ".join(sys.argv)
         out["seconds"] = max(part.get("seconds", 0) for part in parts)
+        if args.note:
+            out["note"] = args.note
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
         return
