@@ -259,6 +259,8 @@ def main():
             out["transfer"].update(part["transfer"])
             out["digits"].update(part["digits"])
             out.setdefault("self", {}).update(part.get("self", {}))
+            for k, v in part["settings"].items():                  # options added after the first run
+                out["settings"].setdefault(k, v)
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then " + "python " + " ".join(sys.argv)
         out["seconds"] = max(part.get("seconds", 0) for part in parts)
         if args.note:
