@@ -749,8 +749,8 @@ def test_optimise_timesteps_several_starts_and_min_gap():
     """Several starts: the best of the descents from each, so never worse than from the default alone; min_gap:
     no step shorter in λ than that fraction of the uniform step (UniPC's unconstrained 5-step optimum on the ring
     takes a step of 0.05x)."""
-    from simple_diffusion.sampling import _half_log_snr
-    lam = _half_log_snr(SCHED.alphas_cumprod.double().numpy())
+    abar = SCHED.alphas_cumprod.double().numpy()
+    lam = 0.5 * (np.log(abar) - np.log1p(-abar))                   # λ = log(α/σ) of every code step
     kw = dict(n=128, iters=2, generator=torch.Generator().manual_seed(0))
     ts0 = _default_ts(SCHED, "unipc", 5).tolist()
     alone = optimise_timesteps(ORACLE, SCHED, 5, "unipc", **kw)
