@@ -30,10 +30,11 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS', 'LOWER_ORDER_FINAL',
-           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ddpm_step', 'space_timesteps',
-           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
-           'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler',
-           'default_discretisation', 'sample']
+           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER',
+           'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step',
+           'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory',
+           'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample', 'ode_reference',
+           'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -87,18 +88,51 @@ def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     return t
 
 
+def _explicit_timesteps(spacing, T, steps=None, name="spacing"):
+    "Code timesteps given as a sequence (argument `name`), checked: a [S] long tensor."
+    ts = spacing if isinstance(spacing, torch.Tensor) else None
+    if ts is None:
+        try:
+            ts = torch.as_tensor(np.asarray(spacing))
+        except (TypeError, ValueError, RuntimeError):
+            ts = None
+    ok = (
+        ts is not None
+        and ts.ndim == 1
+        and len(ts) >= 1
+        and not (ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool)
+    )
+    if ok:
+        ts = ts.detach().cpu().long()
+        ok = bool((ts.diff() > 0).all()) and int(ts[0]) >= 0 and int(ts[-1]) < T
+    if not ok:
+        shown = ts.tolist()[:8] if isinstance(ts, torch.Tensor) and ts.ndim else spacing
+        rule = f"one of {SPACINGS} or " if name == "spacing" else ""
+        raise ValueError(
+            f"{name} must be {rule}a strictly increasing 1-D sequence of integer code "
+            f"timesteps in [0, {T - 1}], got {shown!r}"
+        )
+    if steps is not None and check_int(steps, "steps", 1, T) != len(ts):
+        raise ValueError(f"{name} holds {len(ts)} timesteps but steps={steps}")
+    return ts
+
+
 def space_timesteps(
     num_timesteps: int,  # T of the trained model
-    steps: int,  # S, the number of steps to keep, 1 <= S <= T
-    spacing: str = "leading",  # one of SPACINGS
+    steps: int | None,  # S, the number of steps to keep, 1 <= S <= T (None: len(spacing))
+    spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps themselves
     alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
     rho: float = 7.0,  # EDM's ρ > 0 ('edm' only)
     sigma_max: float = SIGMA_MAX,  # the largest σ/α visited ('logsnr', 'edm' only), > 0
 ) -> torch.Tensor:  # [S] long, ascending code timesteps in [0, T)
     """The S code timesteps a respaced sampler visits. 'linspace', 'leading', 'trailing': diffusers'
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
-    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max."""
+    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max.
+    A sequence is checked (strictly increasing integers in [0, T-1], S of them if steps is given)
+    and returned as it is."""
     T = check_int(num_timesteps, "num_timesteps", 1)
+    if not isinstance(spacing, str):
+        return _explicit_timesteps(spacing, T, steps)
     check_choice(spacing, SPACINGS, "spacing")
     if spacing in ("logsnr", "edm"):
         if alphas_cumprod is None:
@@ -164,11 +198,12 @@ class SpacedSchedule(NoiseSchedule):
 
 def respace(
     schedule: NoiseSchedule,  # the model's schedule
-    steps: int,  # S, the number of steps to keep
-    spacing: str = "leading",  # one of SPACINGS
+    steps: int | None,  # S, the number of steps to keep (None: len(spacing) for a sequence)
+    spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps to keep
     sigma_max: float = SIGMA_MAX,  # the largest σ/α of 'logsnr' and 'edm'
 ) -> SpacedSchedule:
-    "The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace)."
+    """The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace) (Nichol &
+    Dhariwal 2021, Sec. 4); `spacing` names a rule or lists the code timesteps."""
     if not isinstance(schedule, NoiseSchedule):
         raise ValueError(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
@@ -677,8 +712,10 @@ def _check_sample_args(
     check_choice(sampler, SAMPLERS, "sampler")
     default, sigma_max = default_discretisation(schedule, sampler, steps, prediction)
     allowed = int((schedule.alphas_cumprod >= 1 / (1 + sigma_max**2)).sum())
+    explicit = spacing is not None and not isinstance(spacing, str)  # the timesteps themselves
     spacing = default if spacing is None else spacing
-    check_choice(spacing, SPACINGS, "spacing")
+    if not explicit:
+        check_choice(spacing, SPACINGS, "spacing")
     check_choice(variance, VARIANCES, "variance")
     if check_number(eta, "eta", 0, 1) and sampler != "ddim":
         raise ValueError(
@@ -702,7 +739,7 @@ def _check_sample_args(
         )
     if hook is not None and not callable(hook):
         raise ValueError("hook must be callable or None")
-    if steps is None:
+    if steps is None and not explicit:
         steps = allowed if spacing in ("logsnr", "edm") else len(schedule)
     spaced = respace(schedule, steps, spacing, sigma_max)
     return spaced, shape
@@ -768,7 +805,7 @@ def sample(
     sampler: str = "ddpm",  # one of SAMPLERS
     steps: int | None = None,  # S network evaluations; None: all the spacing allows
     eta: float = 0.0,  # DDIM's η in [0, 1] (0: deterministic, 1: DDPM)
-    spacing: str | None = None,  # one of SPACINGS; None: DEFAULT_SPACING[sampler]
+    spacing=None,  # one of SPACINGS, or [S] ascending code timesteps; None: the default
     *,
     prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
     variance: str = "fixed_small",  # DDPM's reverse variance, one of VARIANCES
@@ -847,3 +884,197 @@ def sample(
         progress=progress,
         order=order,
     )
+
+# %% ../nbs/12_sampling.ipynb #926bd0d1
+ODE_SAMPLERS = (
+    "ddim",
+    "dpmpp2m",
+    "dpmpp3m",
+    "unipc",
+)  # the deterministic solvers (η = 0)
+REFERENCE_SAMPLER = (
+    "dpmpp3m"  # integrates the ODE over every code step for the reference
+)
+
+
+@torch.no_grad()
+def ode_reference(
+    model: Callable,  # model(x_t, t) -> [N, ...], e.g. GaussianMixtureOracle
+    schedule: NoiseSchedule,  # the model's schedule
+    noise: torch.Tensor,  # [N, ...] x at t_start
+    t_start: int,  # the code step the solvers start from, in [0, T)
+    *,
+    prediction: str = "eps",  # what the model predicts, one of PREDICTIONS
+) -> torch.Tensor:  # [N, ...] Φ_∞(x_T): the probability-flow ODE's x_0
+    """Φ_∞ of Eq. (eq-sampling-steps-objective): the probability-flow ODE (Song et al. 2021,
+    Sec. 4.3) from x_{t_start} = noise, by REFERENCE_SAMPLER over every code step down to 0."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    t_start = check_int(t_start, "t_start", 0, schedule.num_timesteps - 1)
+    noise = check_tensor(noise, "noise", min_ndim=2, floating=True, finite=True)
+    denoiser = Denoiser(model, getattr(schedule, "parent", schedule), prediction)
+    every = SpacedSchedule(schedule, torch.arange(t_start + 1))
+    return run_sampler(denoiser, every, noise, REFERENCE_SAMPLER)
+
+
+@torch.no_grad()
+def discretisation_error(
+    model: Callable,  # model(x_t, t) -> [N, ...]
+    schedule: NoiseSchedule,  # the model's schedule
+    timesteps,  # [S] strictly increasing code timesteps (what `spacing=` takes)
+    sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
+    *,
+    noise: torch.Tensor,  # [N, ...] x_T at timesteps[-1]
+    reference: torch.Tensor
+    | None = None,  # [N, ...] ode_reference of that noise; None: computed
+    prediction: str = "eps",  # what the model predicts
+) -> float:  # the estimate of E(τ), Eq. (eq-sampling-steps-objective)
+    """Mean over the batch of ‖Φ_τ(x_T) - Φ_∞(x_T)‖², Eq. (eq-sampling-steps-objective): the
+    solver on `timesteps` against the probability-flow ODE from the same x_T."""
+    check_choice(sampler, ODE_SAMPLERS, "sampler")
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    ts = _explicit_timesteps(timesteps, schedule.num_timesteps, name="timesteps")
+    if reference is None:
+        reference = ode_reference(
+            model, schedule, noise, int(ts[-1]), prediction=prediction
+        )
+    check_tensor(reference, "reference", shape=tuple(noise.shape))
+    denoiser = Denoiser(model, getattr(schedule, "parent", schedule), prediction)
+    x = run_sampler(denoiser, SpacedSchedule(schedule, ts), noise, sampler)
+    return float((x - reference).double().flatten(1).pow(2).sum(1).mean())
+
+# %% ../nbs/12_sampling.ipynb #82102df0
+def _knot_candidates(lam, lo, hi, cur, k):
+    """Knots to try in [lo, hi] (lam: λ of every code step): all if at most k, else k
+    uniform in λ and cur ± 1, 2, 4, ...; cur < lo: the grid only."""
+    if hi - lo + 1 <= k:
+        return [c for c in range(lo, hi + 1) if c != cur]
+    target = np.linspace(lam[hi], lam[lo], k)  # λ falls as t grows
+    steps_lo_hi = np.arange(lo, hi + 1)
+    grid = {
+        int(c)
+        for c in np.interp(target, lam[lo : hi + 1][::-1], steps_lo_hi[::-1]).round()
+    }
+    if cur < lo:
+        return sorted(grid)
+    local = [
+        cur + s * 2**j for j in range(int(math.log2(hi - lo + 1)) + 1) for s in (-1, 1)
+    ]
+    return sorted((grid | {c for c in local if lo <= c <= hi}) - {cur})
+
+
+@torch.no_grad()
+def optimise_timesteps(
+    model: Callable,  # model(x_t, t) -> [N, ...], e.g. GaussianMixtureOracle
+    schedule: NoiseSchedule,  # the model's schedule
+    steps: int,  # S >= 2, the budget of network evaluations
+    sampler: str = "dpmpp2m",  # one of ODE_SAMPLERS
+    *,
+    shape: tuple
+    | None = None,  # the shape of one sample; None: (D,) of an oracle's mixture
+    prediction: str = "eps",  # what the model predicts
+    n: int = 512,  # draws of x_T the error is estimated on
+    generator: torch.Generator | None = None,  # source of those draws
+    init=None,  # [S] start, or [K, S] starts with the same ends; None: the default
+    iters: int = 4,  # sweeps of coordinate descent, >= 0
+    candidates: int = 16,  # knots tried per coordinate move, >= 2
+    min_gap: float = 0.0,  # smallest λ step allowed, a fraction of the uniform one, [0, 1]
+    dtype: torch.dtype = torch.float32,  # dtype of the draws
+    progress: bool = False,  # a tqdm bar over the sweeps
+) -> torch.Tensor:  # [S] long: ascending code timesteps, for `sample(..., spacing=)`
+    """The S code timesteps minimising Eq. (eq-sampling-steps-objective) on n draws, by
+    coordinate descent from `init` (from each start, keeping the best) with the two ends
+    fixed (cf. Sabour et al. 2024; Watson et al. 2021)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(
+            f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
+        )
+    check_choice(sampler, ODE_SAMPLERS, "sampler")
+    S = check_int(steps, "steps", 2, schedule.num_timesteps)
+    iters, n = check_int(iters, "iters", 0), check_int(n, "n", 1)
+    candidates = check_int(candidates, "candidates", 2)
+    min_gap = check_number(min_gap, "min_gap", 0, 1)
+    if init is None:
+        init = respace(
+            schedule, S, *default_discretisation(schedule, sampler, S, prediction)
+        )
+        init = init.timesteps
+    nested = isinstance(init, (list, tuple)) and len(init) > 0 and np.ndim(init[0]) >= 1
+    starts = list(init) if nested or getattr(init, "ndim", 1) == 2 else [init]
+    starts = [
+        _explicit_timesteps(t, schedule.num_timesteps, S, name="init") for t in starts
+    ]
+    if any(t[-1] != starts[0][-1] for t in starts):
+        raise ValueError(
+            "init: every start must have the same last (noisiest) timestep"
+        )
+    if shape is None:
+        if getattr(model, "mixture", None) is None:
+            raise ValueError(
+                "shape (of one sample) is required unless the model is an oracle"
+            )
+        shape = (model.mixture.dim,)
+    shape = tuple(check_int(d, "shape", 1) for d in shape)
+    dev = _device_for(model, None)
+    g_dev = generator.device if generator is not None else dev
+    x_T = torch.randn((n, *shape), generator=generator, dtype=dtype, device=g_dev).to(
+        dev
+    )
+    ref = ode_reference(model, schedule, x_T, int(starts[0][-1]), prediction=prediction)
+
+    lam = _half_log_snr(schedule.alphas_cumprod.cpu().double().numpy())
+    h_min = min_gap * (lam[0] - lam[int(starts[0][-1])]) / (S - 1)
+
+    def loss(t):
+        if min_gap and np.diff(lam[t]).max() > -h_min:  # a step shorter than h_min in λ
+            return math.inf
+        with warnings.catch_warnings():  # a candidate may blow up: it is just not taken
+            warnings.simplefilter("ignore", SamplingWarning)
+            e = discretisation_error(
+                model,
+                schedule,
+                t,
+                sampler,
+                noise=x_T,
+                reference=ref,
+                prediction=prediction,
+            )
+        return e if math.isfinite(e) else math.inf
+
+    found = [
+        _descend(loss, lam, t.tolist(), iters, candidates, progress) for t in starts
+    ]
+    return torch.tensor(min(found)[1])
+
+
+def _descend(loss, lam, ts, iters, candidates, progress):
+    "Coordinate descent of `loss` from the knots ts, single knots then pairs: (loss, knots)."
+    S, best, k2 = len(ts), loss(ts), max(2, candidates // 2)
+    for _ in tqdm(range(iters), disable=not progress, desc=f"{S} steps"):
+        moved = False
+        for i in reversed(range(1, S - 1)):  # one knot at a time, from the noisy end
+            for c in _knot_candidates(
+                lam, ts[i - 1] + 1, ts[i + 1] - 1, ts[i], candidates
+            ):
+                trial = ts[:i] + [c] + ts[i + 1 :]
+                e = loss(trial)
+                if e < best:
+                    best, ts, moved = e, trial, True
+        for i in (
+            reversed(range(1, S - 2)) if not moved else ()
+        ):  # stuck: two neighbours
+            grid = _knot_candidates(lam, ts[i - 1] + 1, ts[i + 2] - 1, -1, k2)
+            for a in grid:
+                for b in (b for b in grid if b > a):
+                    trial = ts[:i] + [a, b] + ts[i + 2 :]
+                    e = loss(trial)
+                    if e < best:
+                        best, ts, moved = e, trial, True
+        if not moved:
+            break
+    return best, ts
