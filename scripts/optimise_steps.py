@@ -76,6 +76,17 @@ def metrics(x, ref, h, projections):
     return sliced_w1(x, ref, projections), mmd2_rbf(x[:1000], ref[:1000], h)
 
 
+def digits_fids(model, dsched, cfg, clf, f_train, sampler, ts, args) -> list:
+    "FID of args.digits_n digits sampled on the code timesteps ts, one value per seed."
+    fids = []
+    for seed in range(args.digits_seeds):
+        x = sample(model, dsched, (args.digits_n, 1, 8, 8), sampler, spacing=ts,
+                   prediction=cfg.prediction, generator=torch.Generator().manual_seed(seed),
+                   batch_size=500)
+        fids.append(fid_from_features(extract_features(x.clamp(-1, 1), clf)[0], f_train))
+    return fids
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore", SamplingWarning)
@@ -167,12 +178,7 @@ def run(args) -> dict:
             for nfe in [n for n in args.digits_nfe if n in args.nfe]:
                 for variant in VARIANTS:
                     ts = out["optimised"][f"{sampler}/{nfe}"][variant]
-                    fids = []
-                    for seed in range(args.digits_seeds):
-                        x = sample(model, dsched, (args.digits_n, 1, 8, 8), sampler, spacing=ts,
-                                   prediction=cfg.prediction, generator=torch.Generator().manual_seed(seed),
-                                   batch_size=500)
-                        fids.append(fid_from_features(extract_features(x.clamp(-1, 1), clf)[0], f_train))
+                    fids = digits_fids(model, dsched, cfg, clf, f_train, sampler, ts, args)
                     out["digits"][f"{sampler}/{nfe}/{variant}"] = {"timesteps": ts, "fid": fids}
                     print(f"digits {sampler} {nfe} {variant}: FID {np.mean(fids):.3f} ± "
                           f"{np.std(fids, ddof=1) / math.sqrt(len(fids)):.3f} ({time.perf_counter() - t0:.0f} s)",
@@ -210,12 +216,7 @@ def run(args) -> dict:
                 ts = optimise_timesteps(model, dsched, nfe, sampler, shape=(1, 8, 8), prediction=cfg.prediction,
                                         n=args.digits_self_n, iters=args.digits_self_iters, candidates=8,
                                         generator=torch.Generator().manual_seed(0)).tolist()
-                fids = []
-                for seed in range(args.digits_seeds):
-                    x = sample(model, dsched, (args.digits_n, 1, 8, 8), sampler, spacing=ts,
-                               prediction=cfg.prediction, generator=torch.Generator().manual_seed(seed),
-                               batch_size=500)
-                    fids.append(fid_from_features(extract_features(x.clamp(-1, 1), clf)[0], f_train))
+                fids = digits_fids(model, dsched, cfg, clf, f_train, sampler, ts, args)
                 out["digits"][f"{sampler}/{nfe}/self"] = {"timesteps": ts, "fid": fids,
                                                          "seconds": time.perf_counter() - t1}
                 print(f"digits self {sampler} {nfe}: {ts}, FID {np.mean(fids):.3f} "
