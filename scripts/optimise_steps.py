@@ -50,8 +50,8 @@ VARIANTS = ("default", "optimised", "optimised_gap")    # optimised_gap: no step
 
 
 def half_log_snr(schedule) -> np.ndarray:
-    ab = schedule.alphas_cumprod.double().numpy()
-    return 0.5 * (np.log(ab) - np.log1p(-ab))
+    "λ = ½ log SNR per code step, from the schedule's own float64 table."
+    return 0.5 * schedule.log_snr.double().numpy()
 
 
 def default_steps(schedule, sampler, nfe) -> list:
