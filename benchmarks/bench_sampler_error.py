@@ -8,11 +8,19 @@ oracle and the same x_T (float32). Mixtures: the 8-Gaussian ring, the 5x5 grid, 
 mixture with components as narrow as σ = 0.05, and a 10-D mixture; the DDPM linear and the cosine
 schedules (T = 1000). Metrics, each the mean (and sd) over --seeds runs of --n samples: the sliced
 Wasserstein-1 distance (--projections directions) to fresh true samples, MMD² (Gaussian kernel, h = half
-the smallest component sd, on the first 2000 samples) and the mean exact log-likelihood (vs −H(p)). The
-noise floors (true vs true) are reported with them.
+the smallest component sd, on the first 2000 samples) and the mean exact log-likelihood (vs −H(p)), and
+the pathwise RMS distance to the exact probability-flow ODE's x_0 from the same x_T and the same start
+(`ode_reference` over every code step from the solver's first timestep; a deterministic solver's own
+discretisation error, free of sampling noise; meaningless for DDPM).
+
+Two noise floors: true vs true (two independent sets), and the paired floor, the same metrics for the
+exact ODE's x_0 from the same x_T against the same reference set. The sampling noise of SW1 is large
+(component counts vary multinomially), so the summary also reports each sampler's excess over the paired
+floor, seed by seed (mean ± standard error over seeds), which cancels most of that noise.
 
 Goals (issue 11): our best sampler at its defaults <= 0.8x diffusers' best at 10 NFE and within 10 % of
-the floor at 20 NFE; no sampler of ours at its defaults worse than 1.2x its diffusers counterpart.
+the floor at 20 NFE; no sampler of ours at its defaults worse than 1.2x its diffusers counterpart. The
+summary prints the ratios both of the raw metric and of the excess over the paired floor.
 
     python benchmarks/bench_sampler_error.py [--n 4000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
     in parallel: one process per --mixtures M (--out part_M.json), then --merge part_*.json --out FILE
@@ -33,7 +41,8 @@ import torch
 from simple_diffusion.data import GaussianMixture, toy_mixture
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.oracle import GaussianMixtureOracle
-from simple_diffusion.sampling import SAMPLERS, SPACINGS, sample
+from simple_diffusion.sampling import (SAMPLERS, SIGMA_MAX_EPS, SPACINGS, default_discretisation, ode_reference,
+                                       sample, space_timesteps)
 from simple_diffusion.schedules import NoiseSchedule
 
 
@@ -66,6 +75,12 @@ def diffusers_sample(scheduler, model, x_T, steps):
     return x
 
 
+def our_start(sched, sampler, steps, spacing=None) -> int:
+    "The code timestep `sample` starts from (the oracle is an ε-model)."
+    sp, smax = default_discretisation(sched, sampler, steps) if spacing is None else (spacing, SIGMA_MAX_EPS)
+    return int(space_timesteps(len(sched), steps, sp, sched.alphas_cumprod, sigma_max=smax)[-1])
+
+
 def diffusers_solvers(betas) -> dict:
     "diffusers' multistep solvers at their defaults (and DDIM without its [-1, 1] clipping)."
     import diffusers as d
@@ -76,11 +91,15 @@ def diffusers_solvers(betas) -> dict:
             "ddim": lambda: d.DDIMScheduler(trained_betas=betas, clip_sample=False)}
 
 
-def metrics(x, mix, ref, bandwidth, projections):
-    "(SW1, MMD², mean log p) of samples x against the true set ref."
+METRICS = ["sw1", "mmd2", "loglik", "rms"]
+
+
+def metrics(x, mix, ref, bandwidth, projections, exact):
+    "(SW1, MMD², mean log p, RMS distance to the exact ODE's x_0 `exact`) of samples x against the true set ref."
     x = x.double()
+    rms = float((x - exact.double()).flatten(1).pow(2).sum(1).mean().sqrt())
     return (sliced_w1(x, ref, projections), mmd2_rbf(x[:2000], ref[:2000], bandwidth),
-            float(mix.log_prob(x.reshape(len(x), -1)).mean()))
+            float(mix.log_prob(x.reshape(len(x), -1)).mean()), rms)
 
 
 def run(args) -> dict:
@@ -88,7 +107,7 @@ def run(args) -> dict:
     out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} thread(s)", "n": args.n, "seeds": args.seeds, "nfe": args.nfe,
-           "metrics": ["sw1", "mmd2", "loglik"], "results": {}, "floor": {}, "neg_entropy": {}}
+           "metrics": METRICS, "results": {}, "floor": {}, "paired_floor": {}, "neg_entropy": {}}
     ours = {f"ours {s}": dict(sampler=s) for s in SAMPLERS}
     if args.spacings:
         ours.update({f"ours {s} {sp}": dict(sampler=s, spacing=sp) for s in SAMPLERS for sp in SPACINGS})
@@ -105,59 +124,110 @@ def run(args) -> dict:
             floors = []
             for seed in range(args.seeds):
                 a, b = mix.sample(args.n, g)[0], mix.sample(args.n, g)[0]
-                floors.append(metrics(a, mix, b, h, args.projections))
+                floors.append(metrics(a, mix, b, h, args.projections, a))
             out["floor"][key] = np.mean(floors, 0).tolist()
             out["neg_entropy"][key] = float(mix.log_prob(mix.sample(100_000, g)[0]).mean())
             res = out["results"].setdefault(key, {})
+            refs = [mix.sample(args.n, torch.Generator().manual_seed(1000 + seed))[0] for seed in range(args.seeds)]
+            x_Ts = [torch.randn(args.n, mix.dim, generator=torch.Generator().manual_seed(seed))
+                    for seed in range(args.seeds)]
+            exact = {}                                                       # (seed, start) -> the ODE's x_0
+            def ode(seed, start):
+                if (seed, start) not in exact:
+                    exact[seed, start] = ode_reference(oracle, sched, x_Ts[seed], start)
+                return exact[seed, start]
+            T = len(sched)
+            out["paired_floor"][key] = [metrics(ode(s, T - 1), mix, refs[s], h, args.projections, ode(s, T - 1))
+                                        for s in range(args.seeds)]
             for nfe in args.nfe:
                 for seed in range(args.seeds):
-                    ref = mix.sample(args.n, torch.Generator().manual_seed(1000 + seed))[0]
-                    x_T = torch.randn(args.n, mix.dim, generator=torch.Generator().manual_seed(seed))
-                    runs = {name: (lambda kw=kw: sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T,
-                                                        generator=torch.Generator().manual_seed(seed), **kw))
+                    x_T = x_Ts[seed]
+                    runs = {name: (lambda kw=kw: (sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T,
+                                                         generator=torch.Generator().manual_seed(seed), **kw),
+                                                  our_start(sched, kw["sampler"], nfe, kw.get("spacing"))))
                             for name, kw in ours.items()}
-                    runs.update({f"diffusers {n}": (lambda m=m: diffusers_sample(m(), oracle, x_T, nfe))
+                    runs.update({f"diffusers {n}": (lambda m=m: (diffusers_sample(s := m(), oracle, x_T, nfe),
+                                                                 int(s.timesteps[0])))
                                  for n, m in theirs.items()})
                     for name, fn in runs.items():
-                        try: x = fn()
+                        try: x, start = fn()
                         except ValueError: continue                         # a combination we refuse
-                        res.setdefault(name, {}).setdefault(str(nfe), []).append(metrics(x, mix, ref, h, args.projections))
+                        res.setdefault(name, {}).setdefault(str(nfe), []).append(
+                            metrics(x, mix, refs[seed], h, args.projections, ode(seed, start)))
             print(f"{key}: done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
 
 
+def _se(v) -> float:
+    "Standard error of the mean of v (0 for a single value)."
+    return float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
+
+
+PAIRS = (("ours ddim", "diffusers ddim"), ("ours dpmpp2m", "diffusers dpm++2m"),
+         ("ours dpmpp3m", "diffusers dpm++3m"), ("ours unipc", "diffusers unipc"))
+
+
+def errors(out, key, metric, excess=False) -> dict:
+    """{sampler: {nfe: [error per seed]}}: the metric (the log-likelihood as |mean log p + H(p)|), or with
+    excess=True its excess over the paired floor of the same seed (the log-likelihood as
+    |mean log p - mean log p of the exact ODE's samples|)."""
+    m = out["metrics"].index(metric)
+    negH, paired = out["neg_entropy"][key], out.get("paired_floor", {}).get(key)
+    def err(r, seed):
+        if metric == "loglik":
+            return abs(r[m] - paired[seed][m]) if excess else abs(r[m] - negH)
+        return r[m] - paired[seed][m] if excess else r[m]
+    return {name: {nfe: [err(r, i) for i, r in enumerate(runs)] for nfe, runs in per.items()}
+            for name, per in out["results"][key].items()}
+
+
+def goal_ratios(out, key, nfe, metric="sw1", excess=False):
+    """(our best at defaults, its mean error, diffusers' best, its mean error, {ours: ratio to its
+    diffusers counterpart}) at one NFE, or None where the NFE was not run."""
+    e = errors(out, key, metric, excess)
+    mean = lambda name: float(np.mean(e[name][str(nfe)]))
+    mine = [n for n in e if n.startswith("ours") and len(n.split()) == 2 and str(nfe) in e[n]
+            and not (metric == "rms" and n == "ours ddpm")]                 # a stochastic path has no ODE
+    theirs = [n for n in e if n.startswith("diffusers") and str(nfe) in e[n]]
+    if not mine or not theirs: return None
+    best, tb = min(mine, key=mean), min(theirs, key=mean)
+    pairs = {a: mean(a) / mean(b) for a, b in PAIRS if a in mine and b in theirs}
+    return best, mean(best), tb, mean(tb), pairs
+
+
 def summarise(out, metric="sw1") -> str:
-    "A text table of mean ± sd per sampler and NFE, and the goal ratios."
+    "Text tables of mean ± standard error per sampler and NFE (raw and over the paired floor) and the goal ratios."
     m = out["metrics"].index(metric)
     lines = []
-    for key, res in out["results"].items():
-        negH = out["neg_entropy"][key]
-        # the log-likelihood is not a distance: rank by its gap to -H(p)
-        err = (lambda r: abs(r[m] - negH)) if metric == "loglik" else (lambda r: r[m])
-        floor = err(out["floor"][key])
-        lines.append(f"\n{key}: {metric}, floor {floor:.4f}" + (f" (ranked by |mean log p + H(p)|, −H(p) = {negH:.3f})"
-                                                                 if metric == "loglik" else ""))
-        lines.append(f"{'sampler':28s}" + "".join(f"{'NFE ' + n:>17s}" for n in map(str, out["nfe"])))
-        for name, per in res.items():
-            cells = [per.get(str(n)) for n in out["nfe"]]
-            lines.append(f"{name:28s}" + "".join(f"{np.mean([r[m] for r in c]):>10.4f} ±{np.std([r[m] for r in c]):.4f}"
-                                                 if c else f"{'–':>17s}" for c in cells))
-        for nfe in (10, 20):
-            if str(nfe) not in map(str, out["nfe"]): continue
-            mean = lambda name: np.mean([err(r) for r in res[name][str(nfe)]])
-            mine = [n for n in res if n.startswith("ours") and len(n.split()) == 2]
-            theirs = [n for n in res if n.startswith("diffusers")]
-            if not mine: continue
-            best = min(mine, key=mean)
-            line = f"NFE {nfe}: our best at defaults {best} {mean(best):.4f}"
-            if theirs:
-                tb = min(theirs, key=mean)
-                line += f"; diffusers' best {tb} {mean(tb):.4f}; ratio {mean(best) / mean(tb):.2f}"
-            line += f"; / floor {mean(best) / floor:.2f}"
-            for a, b in (("ours ddim", "diffusers ddim"), ("ours dpmpp2m", "diffusers dpm++2m"),
-                         ("ours dpmpp3m", "diffusers dpm++3m"), ("ours unipc", "diffusers unipc")):
-                if a in res and b in res: line += f"; {a.split()[1]} vs diffusers {mean(a) / mean(b):.2f}"
-            lines.append(line)
+    for key in out["results"]:
+        negH, paired = out["neg_entropy"][key], out.get("paired_floor", {}).get(key)
+        floor = abs(out["floor"][key][m] - negH) if metric == "loglik" else out["floor"][key][m]
+        head = f"\n{key}: {metric}, floor (true vs true) {floor:.4f}"
+        if paired and metric != "loglik":
+            pf = [r[m] for r in paired]
+            head += f", paired floor (exact ODE from the same x_T) {np.mean(pf):.4f} ±{_se(pf):.4f}"
+        if metric == "loglik": head += f" (|mean log p + H(p)|, −H(p) = {negH:.3f})"
+        lines.append(head)
+        for excess in ((False, True) if paired and metric != "rms" else (False,)):
+            e = errors(out, key, metric, excess)
+            lines.append(f"{'excess over the paired floor' if excess else 'sampler':28s}"
+                         + "".join(f"{'NFE ' + n:>18s}" for n in map(str, out["nfe"])))
+            for name, per in e.items():
+                cells = [per.get(str(n)) for n in out["nfe"]]
+                lines.append(f"{name:28s}" + "".join(f"{np.mean(c):>10.4f} ±{_se(c):.4f}" if c else f"{'–':>18s}"
+                                                     for c in cells))
+        for excess in ((False, True) if paired and metric not in ("rms",) else (False,)):
+            for nfe in out["nfe"]:
+                g = goal_ratios(out, key, nfe, metric, excess)
+                if g is None: continue
+                best, b, tb, t_, pairs = g
+                line = (f"{'excess ' if excess else ''}NFE {nfe}: our best at defaults {best} {b:.4f}; "
+                        f"diffusers' best {tb} {t_:.4f}; ratio {b / t_:.2f}" if t_ else "")
+                if not excess and metric != "rms": line += f"; / floor {b / floor:.2f}"
+                if not excess and paired and metric not in ("loglik", "rms"):
+                    line += f"; / paired floor {b / np.mean([r[m] for r in paired]):.2f}"
+                line += "".join(f"; {a.split()[1]} vs diffusers {r:.2f}" for a, r in pairs.items())
+                lines.append(line)
     return "\n".join(lines)
 
 
@@ -179,8 +249,8 @@ def main():
     if args.merge:
         parts = [json.load(open(f)) for f in args.merge]
         out = dict(parts[0])
-        for key in ("results", "floor", "neg_entropy"):
-            out[key] = {k: v for part in parts for k, v in part[key].items()}
+        for key in ("results", "floor", "paired_floor", "neg_entropy"):
+            out[key] = {k: v for part in parts for k, v in part.get(key, {}).items()}
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then --merge"
         out["date"] = min(part["date"] for part in parts)
         for metric in out["metrics"]: print(summarise(out, metric))

@@ -29,12 +29,12 @@ from simple_diffusion.parameterization import (
 from .schedules import NoiseSchedule
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS', 'LOWER_ORDER_FINAL',
-           'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER',
-           'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step',
-           'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'dynamic_threshold', 'Denoiser', 'Trajectory',
-           'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample', 'ode_reference',
-           'discretisation_error', 'optimise_timesteps']
+__all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
+           'LOWER_ORDER_FINAL', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'LOGSNR_FROM', 'MULTISTEP',
+           'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace',
+           'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct',
+           'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'default_discretisation',
+           'sample', 'ode_reference', 'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -51,7 +51,8 @@ def ddpm_step(
 
 # %% ../nbs/12_sampling.ipynb #09201712
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
-SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing")
+CAPPED_SPACINGS = SPACINGS[3:]  # the rules that start at σ/α <= sigma_max
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
 SIGMA_MAX_EPS = 20.0  # ...for an ε-model: x̂_0 error = σ/α × ε error, Eq. (eq-sampling-eps-amp)
 
@@ -62,12 +63,19 @@ def _half_log_snr(abar):
 
 
 def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
-    "S ascending code steps in [0, t_max], uniform in λ ('logsnr') or in σ^(1/ρ) ('edm')."
+    """S ascending code steps in [0, t_max], uniform in λ ('logsnr'), in σ^(1/ρ) ('edm'), in t
+    with the last one above t = 0 ('trailing-capped') or in λ with the last one above t = 0
+    ('logsnr-trailing'), Eq. (eq-sampling-logsnr)."""
     t_max = int((abar >= 1 / (1 + sigma_max**2)).sum()) - 1
     S = check_int(S, "steps", 1, t_max + 1)
     lam = _half_log_snr(abar[: t_max + 1])
     u = np.linspace(0.0, 1.0, S) if S > 1 else np.zeros(1)
-    if spacing == "logsnr":
+    if spacing == "logsnr-trailing":  # S of the S + 1 uniform λ's, t = 0 left out
+        u = np.linspace(0.0, 1.0, S + 1)[:-1]
+    if spacing == "trailing-capped":  # diffusers' 'trailing' on the steps 0..t_max
+        target = None
+        t = np.round((t_max + 1) * (1 - np.arange(S)[::-1] / S)) - 1
+    elif spacing in ("logsnr", "logsnr-trailing"):
         target = lam[-1] + u * (lam[0] - lam[-1])
     else:
         hi, lo = (
@@ -75,12 +83,9 @@ def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
             math.exp(-lam[0] / rho),
         )  # σ_max^(1/ρ), σ_min^(1/ρ)
         target = -rho * np.log(hi + u * (lo - hi))
-    t = (
-        np.interp(target, lam[::-1], np.arange(t_max + 1)[::-1])
-        .round()
-        .astype(np.int64)
-    )
-    t = np.sort(t)
+    if target is not None:
+        t = np.interp(target, lam[::-1], np.arange(t_max + 1)[::-1]).round()
+    t = np.sort(t.astype(np.int64))
     for i in range(1, S):
         t[i] = max(t[i], t[i - 1] + 1)  # strictly increasing...
     for i in reversed(range(S)):
@@ -121,20 +126,22 @@ def space_timesteps(
     num_timesteps: int,  # T of the trained model
     steps: int | None,  # S, the number of steps to keep, 1 <= S <= T (None: len(spacing))
     spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps themselves
-    alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by 'logsnr', 'edm'
+    alphas_cumprod: torch.Tensor | None = None,  # [T] ᾱ; needed by CAPPED_SPACINGS
     rho: float = 7.0,  # EDM's ρ > 0 ('edm' only)
-    sigma_max: float = SIGMA_MAX,  # the largest σ/α visited ('logsnr', 'edm' only), > 0
+    sigma_max: float = SIGMA_MAX,  # the largest σ/α visited (CAPPED_SPACINGS only), > 0
 ) -> torch.Tensor:  # [S] long, ascending code timesteps in [0, T)
     """The S code timesteps a respaced sampler visits. 'linspace', 'leading', 'trailing': diffusers'
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
-    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5). The last two stop at σ/α = sigma_max.
+    σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5); 'trailing-capped', 'logsnr-trailing':
+    'trailing' and 'logsnr' with their last step above t = 0, so that the final step to σ = 0 is
+    a real one. CAPPED_SPACINGS stop at σ/α = sigma_max.
     A sequence is checked (strictly increasing integers in [0, T-1], S of them if steps is given)
     and returned as it is."""
     T = check_int(num_timesteps, "num_timesteps", 1)
     if not isinstance(spacing, str):
         return _explicit_timesteps(spacing, T, steps)
     check_choice(spacing, SPACINGS, "spacing")
-    if spacing in ("logsnr", "edm"):
+    if spacing in CAPPED_SPACINGS:
         if alphas_cumprod is None:
             raise ValueError(f"alphas_cumprod is required for spacing={spacing!r}")
         ab = check_tensor(alphas_cumprod, "alphas_cumprod", shape=(T,))
@@ -656,13 +663,15 @@ def _device_for(model, device):
     return dev
 
 
-DEFAULT_SPACING = {
-    "ddpm": "leading",  # measured best for the one-step-per-level samplers (benchmark)
-    "ddim": "leading",
-    "dpmpp2m": "logsnr",
-    "dpmpp3m": "logsnr",
-    "unipc": "logsnr",
+DEFAULT_SPACING = {  # measured best across the benchmark below
+    "ddpm": "leading",
+    "ddim": "trailing-capped",
+    "dpmpp2m": "trailing-capped",
+    "dpmpp3m": "trailing-capped",
+    "unipc": "trailing-capped",
 }
+LOGSNR_FROM = 15  # from this many steps on, the multistep solvers default to 'logsnr-trailing'
+MULTISTEP = ("dpmpp2m", "dpmpp3m", "unipc")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 
@@ -672,14 +681,19 @@ def default_discretisation(
     steps: int | None,  # S, or None: all the spacing allows
     prediction: str = "eps",  # the model's prediction type
 ) -> tuple[str, float]:  # (spacing, sigma_max) that `sample` uses when spacing=None
-    """DEFAULT_SPACING[sampler] where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max),
-    else 'logsnr' (else, for more steps than it has, 'leading'); sigma_max = SIGMA_MAX_EPS for an
-    ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
+    """DEFAULT_SPACING[sampler] ('logsnr-trailing' for a multistep solver from LOGSNR_FROM steps);
+    DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
+    'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
+    an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
     sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
     abar = schedule.alphas_cumprod
     allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
     spacing = DEFAULT_SPACING[sampler]
     ok = isinstance(steps, (int, np.integer)) and 1 <= steps <= len(schedule)
+    if sampler in MULTISTEP and (steps is None or ok and steps >= LOGSNR_FROM):
+        spacing = "logsnr-trailing"
+    if spacing != "leading" and not (steps is None or ok and steps <= allowed):
+        return "leading", sigma_max
     if spacing == "leading" and ok:
         ab_first = float(abar[(steps - 1) * (len(schedule) // steps)])
         ok = 1 / (1 + sigma_max**2) <= ab_first <= 0.05
@@ -740,7 +754,7 @@ def _check_sample_args(
     if hook is not None and not callable(hook):
         raise ValueError("hook must be callable or None")
     if steps is None and not explicit:
-        steps = allowed if spacing in ("logsnr", "edm") else len(schedule)
+        steps = allowed if spacing in CAPPED_SPACINGS else len(schedule)
     spaced = respace(schedule, steps, spacing, sigma_max)
     return spaced, shape
 
@@ -980,7 +994,7 @@ def optimise_timesteps(
     prediction: str = "eps",  # what the model predicts
     n: int = 512,  # draws of x_T the error is estimated on
     generator: torch.Generator | None = None,  # source of those draws
-    init=None,  # [S] start, or [K, S] starts with the same ends; None: the default
+    init=None,  # [S] start, or [K, S] starts with the same ends; None: the logsnr rule
     iters: int = 4,  # sweeps of coordinate descent, >= 0
     candidates: int = 16,  # knots tried per coordinate move, >= 2
     min_gap: float = 0.0,  # smallest λ step allowed, a fraction of the uniform one, [0, 1]
@@ -999,11 +1013,9 @@ def optimise_timesteps(
     iters, n = check_int(iters, "iters", 0), check_int(n, "n", 1)
     candidates = check_int(candidates, "candidates", 2)
     min_gap = check_number(min_gap, "min_gap", 0, 1)
-    if init is None:
-        init = respace(
-            schedule, S, *default_discretisation(schedule, sampler, S, prediction)
-        )
-        init = init.timesteps
+    if init is None:  # the 'logsnr' rule, from code t = 0 to sigma_max
+        smax = default_discretisation(schedule, sampler, S, prediction)[1]
+        init = respace(schedule, S, "logsnr", smax).timesteps
     nested = isinstance(init, (list, tuple)) and len(init) > 0 and np.ndim(init[0]) >= 1
     starts = list(init) if nested or getattr(init, "ndim", 1) == 2 else [init]
     starts = [

