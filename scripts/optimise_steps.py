@@ -55,7 +55,8 @@ def half_log_snr(schedule) -> np.ndarray:
 
 
 def default_steps(schedule, sampler, nfe) -> list:
-    return respace(schedule, nfe, *default_discretisation(schedule, sampler, nfe)).timesteps.tolist()
+    "The 'logsnr' rule from code t = 0 to the default's σ/α cap: the optimiser's start (the default until 2026-12-01)."
+    return respace(schedule, nfe, "logsnr", default_discretisation(schedule, sampler, nfe)[1]).timesteps.tolist()
 
 
 def transfer(ts, src, dst, dst_ends) -> list:

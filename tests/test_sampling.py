@@ -296,6 +296,30 @@ def test_lambda_spacings(spacing):
         assert float(steps.max() / steps.min()) < 1.6                                   # uniform to rounding
 
 
+def test_trailing_spacings_leave_out_t0():
+    """'trailing-capped' is diffusers' 'trailing' on the steps 0..t_max with σ/α <= sigma_max (bit for bit
+    'trailing' when the cap does not bind); 'logsnr-trailing' is the first S of S + 1 λ-uniform points (the
+    'logsnr' grid of S + 1 without its t = 0). Both start at t_max and, for S well below t_max, never visit t = 0."""
+    for name in ("linear", "cosine"):
+        sched = NoiseSchedule.from_name(name, 1000)
+        ab = sched.alphas_cumprod
+        assert torch.equal(space_timesteps(1000, 10, "trailing-capped", ab, sigma_max=1e12),
+                           space_timesteps(1000, 10, "trailing"))
+        t_max = int((ab >= 1 / (1 + 20.0**2)).sum()) - 1
+        for S in (1, 2, 5, 10, 50, t_max + 1):
+            for sp in ("trailing-capped", "logsnr-trailing"):
+                ts = space_timesteps(1000, S, sp, ab, sigma_max=20.0)
+                assert len(ts) == S and bool((ts.diff() > 0).all()) and int(ts[-1]) == t_max, (sp, S)
+                if S <= 10: assert int(ts[0]) > 0, (sp, S)
+        gaps = space_timesteps(1000, 8, "trailing-capped", ab, sigma_max=20.0).diff().tolist()
+        assert max(gaps) - min(gaps) <= 1 and abs(gaps[0] - (t_max + 1) / 8) < 1               # uniform in t
+        full = space_timesteps(1000, 11, "logsnr", ab, sigma_max=20.0)
+        trail = space_timesteps(1000, 10, "logsnr-trailing", ab, sigma_max=20.0)
+        assert full[0] == 0 and torch.equal(trail, full[1:])                               # the same λ grid
+    with pytest.raises(ValueError, match="alphas_cumprod is required"):
+        space_timesteps(1000, 10, "trailing-capped")
+
+
 def test_third_order_step_is_exact_for_quadratics():
     "x̂_0(λ) a quadratic in λ: the 3M step is the exact solution of the probability-flow ODE (closed-form moments)."
     g = torch.Generator().manual_seed(0)
