@@ -51,7 +51,9 @@ def ddpm_step(
 
 # %% ../nbs/12_sampling.ipynb #09201712
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
-SPACINGS = ("linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing")
+SPACINGS = (
+    "linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing"
+)
 CAPPED_SPACINGS = SPACINGS[3:]  # the rules that start at σ/α <= sigma_max
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
 SIGMA_MAX_EPS = 20.0  # ...for an ε-model: x̂_0 error = σ/α × ε error, Eq. (eq-sampling-eps-amp)
