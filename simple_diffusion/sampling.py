@@ -797,7 +797,7 @@ def _check_start(spaced, prediction, clipped=False):
     msg = (
         f"the first visited step t={t_first} has ᾱ = {abar:.3g}: x_T ~ N(0, I) "
         "is not a sample of q(x_t) there (the spacing starts too low); use more steps or "
-        "spacing='trailing' or 'logsnr'"
+        "the default spacing (spacing=None: it starts at σ/α = sigma_max)"
     )
     if abar > 0.5:
         raise ValueError(f"steps/spacing: {msg}")
