@@ -588,8 +588,7 @@ def test_shipped_models_are_sound_at_defaults(name):
     far outside, no warning; gmm8 also with every argument of sample() at its default. Measured at this commit
     (the ODE solvers' default 'trailing-capped' ends with one first-order step from t ≈ t_max/S to σ = 0):
     gmm8 0 %, digits <= 0.3 % (largest |x| 2.4); the weaker class-conditional digits_cond 2.1 % (UniPC) to
-    5.3 % (DDIM), largest |x| 3.6, hence its looser bounds (6 %, 4); DDPM 0 % on all three. Its FID is what
-    improved (chapter 20's FID-vs-NFE table)."""
+    5.3 % (DDIM), largest |x| 3.6, hence its looser bounds (6 %, 4); DDPM 0 % on all three."""
     from simple_diffusion.pretrained import load
     model, sched, cfg = load(name)
     shape = (32, 2) if name == "gmm8" else (32, 1, 8, 8)
