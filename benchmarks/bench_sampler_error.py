@@ -46,8 +46,18 @@ from simple_diffusion.sampling import (SAMPLERS, SIGMA_MAX_EPS, SPACINGS, defaul
 from simple_diffusion.schedules import NoiseSchedule
 
 
-def mixtures() -> dict:
-    "The benchmark's exact data distributions."
+def mixtures(heldout=False) -> dict:
+    """The benchmark's exact data distributions; heldout=True: three others, used to check the default
+    spacings on data they were not chosen on (a 2-D mixture with one σ = 0.02 component, a 4-D and a 16-D one)."""
+    if heldout:
+        g = torch.Generator().manual_seed(7)
+        wide = GaussianMixture(torch.tensor([[0.0, 0.0], [1.0, 0.5], [-1.0, 1.0], [0.5, -1.5]], dtype=torch.float64),
+                               torch.tensor([0.3, 0.02, 0.15, 0.5], dtype=torch.float64),
+                               torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64))
+        d4 = GaussianMixture(torch.randn(12, 4, generator=g, dtype=torch.float64), torch.full((12,), 0.2, dtype=torch.float64))
+        d16 = GaussianMixture(torch.randn(4, 16, generator=g, dtype=torch.float64) * 0.5,
+                              torch.full((4,), 0.05, dtype=torch.float64))
+        return {"wide": wide, "4-D": d4, "16-D": d16}
     g = torch.Generator().manual_seed(0)
     narrow = GaussianMixture(torch.tensor([[0.0, 0.0], [1.2, 0.3], [-0.9, 1.0], [-0.4, -1.3], [1.0, -1.1]]),
                              torch.tensor([0.05, 0.05, 0.1, 0.2, 0.3]),
@@ -109,10 +119,11 @@ def run(args) -> dict:
                       f"{torch.get_num_threads()} thread(s)", "n": args.n, "seeds": args.seeds, "nfe": args.nfe,
            "metrics": METRICS, "results": {}, "floor": {}, "paired_floor": {}, "neg_entropy": {}}
     ours = {f"ours {s}": dict(sampler=s) for s in SAMPLERS}
-    if args.spacings:
-        ours.update({f"ours {s} {sp}": dict(sampler=s, spacing=sp) for s in SAMPLERS for sp in SPACINGS})
+    if args.spacings is not None:
+        ours.update({f"ours {s} {sp}": dict(sampler=s, spacing=sp) for s in SAMPLERS if s != "ddpm"
+                     for sp in (args.spacings or SPACINGS)})
     t0 = time.perf_counter()
-    for mname, mix in mixtures().items():
+    for mname, mix in mixtures(args.heldout).items():
         if args.mixtures and mname not in args.mixtures: continue
         h = 0.5 * float(mix.stds.min())
         for sname in args.schedules:
@@ -195,6 +206,38 @@ def goal_ratios(out, key, nfe, metric="sw1", excess=False):
     return best, mean(best), tb, mean(tb), pairs
 
 
+def rule_ratios(out, metric, nfe, spacing=None, excess=False):
+    """Over every cell of `out`: ([our best deterministic sampler with `spacing` (None: at its defaults) over
+    diffusers' best, per cell], {sampler: its worst ratio to the diffusers counterpart}), at one NFE."""
+    best, worst = [], {}
+    for key in out["results"]:
+        e = errors(out, key, metric, excess)
+        mean = lambda name: float(np.mean(e[name][str(nfe)]))
+        name = lambda a: a if spacing is None else f"{a} {spacing}"
+        mine = [name(a) for a, _ in PAIRS if str(nfe) in e.get(name(a), {})]
+        theirs = [n for n in e if n.startswith("diffusers") and str(nfe) in e[n]]
+        if not mine or not theirs: continue
+        best.append(min(map(mean, mine)) / min(map(mean, theirs)))
+        for a, b in PAIRS:
+            if name(a) in mine and b in theirs:
+                worst[a.split()[1]] = max(worst.get(a.split()[1], 0.0), mean(name(a)) / mean(b))
+    return best, worst
+
+
+def summarise_rules(out, metric="rms", excess=False) -> str:
+    "Per NFE and spacing: on how many cells our best is <= 0.8x diffusers' best, and the worst pairwise ratios."
+    spacings = sorted({n.split()[2] for r in out["results"].values() for n in r
+                       if n.startswith("ours") and len(n.split()) == 3})
+    lines = [f"\nspacings, {metric}{' over the paired floor' if excess else ''}: cells with our best <= 0.8x diffusers' best | worst ratio to the counterpart"]
+    for nfe in out["nfe"]:
+        for sp in [None] + spacings:
+            best, worst = rule_ratios(out, metric, nfe, sp, excess)
+            if best:
+                lines.append(f"NFE {nfe:3d} {sp or 'defaults':16s} {sum(b <= 0.8 for b in best):2d}/{len(best)}, max {max(best):.2f} | "
+                             + ", ".join(f"{s} {w:.2f}" for s, w in worst.items()))
+    return "\n".join(lines)
+
+
 def summarise(out, metric="sw1") -> str:
     "Text tables of mean ± standard error per sampler and NFE (raw and over the paired floor) and the goal ratios."
     m = out["metrics"].index(metric)
@@ -237,9 +280,11 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--projections", type=int, default=500)
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
-    p.add_argument("--mixtures", nargs="*", default=None, help="subset of ring, grid, narrow, 10-D")
+    p.add_argument("--mixtures", nargs="*", default=None, help="subset of ring, grid, narrow, 10-D (or wide, 4-D, 16-D)")
     p.add_argument("--schedules", nargs="+", default=["linear", "cosine"])
-    p.add_argument("--spacings", action="store_true", help="also run every sampler with every spacing")
+    p.add_argument("--spacings", nargs="*", default=None,
+                   help="also run every deterministic sampler with these spacings (none named: all of them)")
+    p.add_argument("--heldout", action="store_true", help="the held-out mixtures (wide, 4-D, 16-D) instead")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
@@ -254,15 +299,18 @@ def main():
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then --merge"
         out["date"] = min(part["date"] for part in parts)
         for metric in out["metrics"]: print(summarise(out, metric))
+        print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
         if args.out:
             with open(args.out, "w") as f: json.dump(out, f, indent=1)
         return
     if args.summarise:
         out = json.load(open(args.summarise))
         for metric in out["metrics"]: print(summarise(out, metric))
+        print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
         return
     out = run(args)
     for metric in out["metrics"]: print(summarise(out, metric))
+    if args.spacings is not None: print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
     if args.out:
         with open(args.out, "w") as f: json.dump(out, f, indent=1)
 

@@ -30,7 +30,7 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
-           'LOWER_ORDER_FINAL', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'LOGSNR_FROM', 'MULTISTEP',
+           'LOWER_ORDER_FINAL', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'BLEND_FROM', 'MULTISTEP',
            'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace',
            'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct',
            'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'default_discretisation',
@@ -52,7 +52,8 @@ def ddpm_step(
 # %% ../nbs/12_sampling.ipynb #09201712
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
 SPACINGS = (
-    "linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing"
+    "linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing",
+    "blend",
 )
 CAPPED_SPACINGS = SPACINGS[3:]  # the rules that start at σ/α <= sigma_max
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
@@ -67,18 +68,22 @@ def _half_log_snr(abar):
 def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     """S ascending code steps in [0, t_max], uniform in λ ('logsnr'), in σ^(1/ρ) ('edm'), in t
     with the last one above t = 0 ('trailing-capped') or in λ with the last one above t = 0
-    ('logsnr-trailing'), Eq. (eq-sampling-logsnr)."""
+    ('logsnr-trailing'), or at the λ halfway between those two ('blend'),
+    Eq. (eq-sampling-logsnr) and (eq-sampling-blend)."""
     t_max = int((abar >= 1 / (1 + sigma_max**2)).sum()) - 1
     S = check_int(S, "steps", 1, t_max + 1)
     lam = _half_log_snr(abar[: t_max + 1])
     u = np.linspace(0.0, 1.0, S) if S > 1 else np.zeros(1)
-    if spacing == "logsnr-trailing":  # S of the S + 1 uniform λ's, t = 0 left out
+    if spacing in ("logsnr-trailing", "blend"):  # S of the S + 1 uniform λ's, no t = 0
         u = np.linspace(0.0, 1.0, S + 1)[:-1]
-    if spacing == "trailing-capped":  # diffusers' 'trailing' on the steps 0..t_max
+    # diffusers' 'trailing' on the steps 0..t_max
+    t = np.round((t_max + 1) * (1 - np.arange(S)[::-1] / S)) - 1
+    if spacing == "trailing-capped":
         target = None
-        t = np.round((t_max + 1) * (1 - np.arange(S)[::-1] / S)) - 1
     elif spacing in ("logsnr", "logsnr-trailing"):
         target = lam[-1] + u * (lam[0] - lam[-1])
+    elif spacing == "blend":  # λ halfway between 'trailing-capped' and 'logsnr-trailing'
+        target = 0.5 * (lam[t.astype(np.int64)][::-1] + lam[-1] + u * (lam[0] - lam[-1]))
     else:
         hi, lo = (
             math.exp(-lam[-1] / rho),
@@ -672,7 +677,7 @@ DEFAULT_SPACING = {  # measured best across the benchmark below
     "dpmpp3m": "trailing-capped",
     "unipc": "trailing-capped",
 }
-LOGSNR_FROM = 15  # from this many steps on, the multistep solvers default to 'logsnr-trailing'
+BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
 MULTISTEP = ("dpmpp2m", "dpmpp3m", "unipc")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
@@ -683,7 +688,7 @@ def default_discretisation(
     steps: int | None,  # S, or None: all the spacing allows
     prediction: str = "eps",  # the model's prediction type
 ) -> tuple[str, float]:  # (spacing, sigma_max) that `sample` uses when spacing=None
-    """DEFAULT_SPACING[sampler] ('logsnr-trailing' for a multistep solver from LOGSNR_FROM steps);
+    """DEFAULT_SPACING[sampler] ('blend' for a multistep solver from BLEND_FROM steps);
     DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
     'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
     an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
@@ -692,8 +697,8 @@ def default_discretisation(
     allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
     spacing = DEFAULT_SPACING[sampler]
     ok = isinstance(steps, (int, np.integer)) and 1 <= steps <= len(schedule)
-    if sampler in MULTISTEP and (steps is None or ok and steps >= LOGSNR_FROM):
-        spacing = "logsnr-trailing"
+    if sampler in MULTISTEP and (steps is None or ok and steps >= BLEND_FROM):
+        spacing = "blend"
     if spacing != "leading" and not (steps is None or ok and steps <= allowed):
         return "leading", sigma_max
     if spacing == "leading" and ok:
