@@ -141,7 +141,8 @@ def space_timesteps(
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
     σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5); 'trailing-capped', 'logsnr-trailing':
     'trailing' and 'logsnr' with their last step above t = 0, so that the final step to σ = 0 is
-    a real one. CAPPED_SPACINGS stop at σ/α = sigma_max.
+    a real one; 'blend': at each step the λ halfway between those two (Eq. eq-sampling-blend).
+    CAPPED_SPACINGS stop at σ/α = sigma_max.
     A sequence is checked (strictly increasing integers in [0, T-1], S of them if steps is given)
     and returned as it is."""
     T = check_int(num_timesteps, "num_timesteps", 1)
