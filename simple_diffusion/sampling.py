@@ -30,11 +30,12 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
-           'LOWER_ORDER_FINAL', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING', 'BLEND_FROM', 'MULTISTEP',
-           'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace',
-           'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct',
-           'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'default_discretisation',
-           'sample', 'ode_reference', 'discretisation_error', 'optimise_timesteps']
+           'LOWER_ORDER_FINAL', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING',
+           'BLEND_FROM', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps',
+           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
+           'unipc_correct', 'final_step_x0', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning',
+           'run_sampler', 'default_discretisation', 'sample', 'ode_reference', 'discretisation_error',
+           'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -406,6 +407,24 @@ def unipc_correct(
     return _unipc_update(x_s, x0_s, abar_s, abar_t, tuple(history), order, x0_t)
 
 
+# %% ../nbs/12_sampling.ipynb #a2548a85
+MULTISTEP = ("dpmpp2m", "dpmpp3m", "unipc")  # the multistep solvers
+FINAL_SIGMA = 0.2  # their last step is second order when ς = b/a of the step before it is <= this
+
+
+def final_step_x0(
+    x0: torch.Tensor,  # [B, ...] x̂_0 at the last step t_1
+    abar: float,  # ᾱ_{t_1}, in (0, 1)
+    x0_prev: torch.Tensor,  # [B, ...] x̂_0 at the step before, t_2
+    abar_prev: float,  # ᾱ_{t_2}, in (0, ᾱ_{t_1})
+) -> torch.Tensor:  # [B, ...] x_0
+    """The last step to b = 0 at second order, Eq. (eq-sampling-final): x̂_0 extrapolated to ς = 0
+    on the line through (ς_2², x̂_0 at t_2) and (ς_1², x̂_0 at t_1). Checks 0 < ᾱ_2 < ᾱ_1 < 1."""
+    abar = check_number(abar, "abar", 0, 1, lo_open=True, hi_open=True)
+    abar_prev = check_number(abar_prev, "abar_prev", 0, abar, lo_open=True, hi_open=True)
+    u1, u2 = (1 - abar) / abar, (1 - abar_prev) / abar_prev  # ς² of the two steps
+    return x0 + (u1 / (u2 - u1)) * (x0 - x0_prev)
+
 # %% ../nbs/12_sampling.ipynb #dc9c82f0
 def dynamic_threshold(
     x0: torch.Tensor,  # [B, ...] the prediction x̂_0
@@ -484,9 +503,15 @@ class Denoiser:
         else:
             x0, eps = a * x - s * out, s * x + a * out
         if self.clip_denoised or self.threshold is not None:
-            x0 = x0.clamp(-1, 1) if self.clip_denoised else dynamic_threshold(x0, self.threshold)
+            x0 = self.limit(x0)
             eps = (x - a * x0) / s
         return x0, eps, var_values
+
+    def limit(self, x0: torch.Tensor) -> torch.Tensor:
+        "x̂_0 clipped to [-1, 1] or dynamically thresholded, as set; unchanged if neither."
+        if self.clip_denoised:
+            return x0.clamp(-1, 1)
+        return x0 if self.threshold is None else dynamic_threshold(x0, self.threshold)
 
     def eps_from_x0(self, x: torch.Tensor, t: int, x0: torch.Tensor) -> torch.Tensor:
         "The ε̂ consistent with x_t and a (modified) x̂_0, Eq. (eq-param-x0-eps)."
@@ -527,10 +552,15 @@ ORDERS = {"ddpm": (1,), "ddim": (1,), "dpmpp2m": (2,), "dpmpp3m": (3,), "unipc":
 DEFAULT_ORDER = {"ddpm": 1, "ddim": 1, "dpmpp2m": 2, "dpmpp3m": 3, "unipc": 2}
 
 
-def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2):
+def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FINAL_SIGMA):
     """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
-    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order."""
+    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order;
+    the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma."""
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else 1.0
+    if i == 0 and sampler in MULTISTEP and hist and 0 < hist[-1][1] < abar < 1:
+        x0_u, abar_u = hist[-1]  # Eq. (eq-sampling-final) where ς_2 <= final_sigma
+        if (1 - abar_u) / abar_u <= final_sigma**2:
+            return final_step_x0(x0, abar, x0_u, abar_u)
     final2 = i == 1 and len(ab) < LOWER_ORDER_FINAL
     if sampler == "unipc":
         p = min(order, len(hist) + 1, 2 if final2 else 3)
@@ -563,6 +593,7 @@ def run_sampler(
     batch_size: int | None = None,  # samples per network call; None: all N
     return_trajectory: bool = False,  # also return a Trajectory
     progress: bool = False,  # show a tqdm progress bar
+    final_sigma: float = FINAL_SIGMA,  # multistep: 2nd-order last step where ς_2 <= this; 0: never
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] samples
     """Run `sampler` over the steps of `spaced`: steps outer, chunks inner, each step's noise drawn
     for all N at once (so batch_size never changes the samples), Eqs. (eq-sampling-ddpm) to
@@ -571,6 +602,7 @@ def run_sampler(
     S, N = spaced.num_timesteps, len(x_T)
     order = DEFAULT_ORDER[sampler] if order is None else order
     check_choice(order, ORDERS[check_choice(sampler, SAMPLERS, "sampler")], "order")
+    final_sigma = check_number(final_sigma, "final_sigma", 0)
     bs = batch_size or N
     chunks = [slice(lo, lo + bs) for lo in range(0, N, bs)]
     kws = [
@@ -623,7 +655,10 @@ def run_sampler(
                     (c1[i], c2[i], s_i),
                     eta,
                     order,
+                    final_sigma,
                 )
+                if i == 0 and sampler in MULTISTEP:  # the last step, limited like any x̂_0
+                    xs[k] = denoiser.limit(xs[k])
                 if sampler == "unipc":
                     p = min(order, len(hists[k]) + 1, 2 if i == 1 and S < LOWER_ORDER_FINAL else 3)
                     lasts[k] = (x, x0, ab[i], p)
@@ -679,7 +714,6 @@ DEFAULT_SPACING = {  # measured best across the benchmark below
     "unipc": "trailing-capped",
 }
 BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
-MULTISTEP = ("dpmpp2m", "dpmpp3m", "unipc")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 

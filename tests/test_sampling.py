@@ -12,10 +12,10 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, SAMPLERS, SIGMA_MAX, SPACINGS, Denoiser,
+from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
-                                       unipc_correct, unipc_step,
+                                       unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
                                        space_timesteps)
 from simple_diffusion.schedules import NoiseSchedule, rescale_zero_terminal_snr
 
@@ -336,6 +336,55 @@ def test_blend_spacing_is_halfway_in_log_snr():
             assert int(ts[0]) == t_max and int(ts[-1]) > 0, (name, S)
             lo, hi = lam[(ts + 1).clamp(max=t_max)], lam[(ts - 1).clamp(min=0)]
             assert bool(((lo <= target + 1e-12) & (target <= hi + 1e-12)).all()), (name, S, ts.tolist())
+
+
+def test_final_step_is_second_order_in_sigma_squared():
+    """Eq. (eq-sampling-final) on one Gaussian N(μ, s²I), whose probability-flow path is closed-form: from x̄ at ς_1
+    the path ends at μ + (x̄ - μ) s/√(s² + ς_1²). The first-order x̂_0(ς_1) errs by O(ς_1²), the extrapolation by
+    O(ς_1² ς_2²); with ς_2 = 3 ς_1 the fitted slopes are 2 and 4, on another s, μ and ratio than the chapter's."""
+    s, mu = 0.15, torch.tensor([-0.3, 0.8, 0.1], dtype=torch.float64)
+    xb = mu + 0.5 * torch.randn(100, 3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    zs, e1, e2 = np.array([0.004, 0.008, 0.016, 0.032]), [], []
+    for z1 in zs:
+        path = lambda z: mu + (xb - mu) * math.sqrt((s * s + z * z) / (s * s + z1 * z1))
+        x0 = lambda z: mu + s * s / (s * s + z * z) * (path(z) - mu)
+        e1.append(float((x0(z1) - path(0.0)).norm(dim=1).mean()))
+        out = final_step_x0(x0(z1), 1 / (1 + z1 ** 2), x0(3 * z1), 1 / (1 + 9 * z1 ** 2))
+        e2.append(float((out - path(0.0)).norm(dim=1).mean()))
+    assert abs(np.polyfit(np.log(zs), np.log(e1), 1)[0] - 2) <= 0.3
+    assert abs(np.polyfit(np.log(zs), np.log(e2), 1)[0] - 4) <= 0.3
+    for bad in ((0.5, 0.6), (1.0, 0.5), (0.5, 0.0)):
+        with pytest.raises(ValueError, match="abar"):
+            final_step_x0(xb, bad[0], xb, bad[1])
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp2m", "dpmpp3m", "unipc"])
+def test_multistep_last_step_follows_the_final_sigma_rule(sampler):
+    """The sample is the extrapolation of the trajectory's last two x̂_0 exactly where ς of the step before the last
+    is <= FINAL_SIGMA (blend from 10 steps), and the first-order x̂_0 elsewhere; DDIM keeps x̂_0; a clipping denoiser
+    limits the extrapolated step to [-1, 1]."""
+    x_T = torch.randn(200, 2, generator=torch.Generator().manual_seed(2))
+    ab = SCHED.alphas_cumprod
+    for steps, spacing in ((20, "blend"), (10, "blend"), (8, "trailing-capped"), (5, "trailing-capped")):
+        x, tr = sample(ORACLE, SCHED, x_T.shape, sampler, steps, spacing=spacing, noise=x_T, return_trajectory=True)
+        a1, a2 = float(ab[int(tr.timesteps[-1])]), float(ab[int(tr.timesteps[-2])])
+        z2 = math.sqrt((1 - a2) / a2)
+        if z2 <= FINAL_SIGMA:
+            u1, u2 = (1 - a1) / a1, (1 - a2) / a2            # written out, not through final_step_x0
+            want = tr.pred_x0[-1] + u1 / (u2 - u1) * (tr.pred_x0[-1] - tr.pred_x0[-2])
+            assert torch.allclose(x, want, atol=1e-6) and not torch.equal(x, tr.pred_x0[-1])
+        else:
+            assert torch.equal(x, tr.pred_x0[-1])
+        assert (z2 <= FINAL_SIGMA) == (spacing == "blend")
+    x, tr = sample(ORACLE, SCHED, x_T.shape, "ddim", 20, spacing="blend", noise=x_T, return_trajectory=True)
+    assert torch.equal(x, tr.pred_x0[-1])
+    clipped = sample(ORACLE, SCHED, x_T.shape, sampler, 20, noise=x_T, clip_denoised=True)
+    assert float(clipped.abs().max()) <= 1.0
+    spaced = respace(SCHED, 20, "blend", SIGMA_MAX_EPS)                  # final_sigma=0: first order always
+    x, tr = run_sampler(Denoiser(ORACLE, SCHED), spaced, x_T, sampler, final_sigma=0.0, return_trajectory=True)
+    assert torch.equal(x, tr.pred_x0[-1])
+    with pytest.raises(ValueError, match="final_sigma"):
+        run_sampler(Denoiser(ORACLE, SCHED), spaced, x_T, sampler, final_sigma=-0.1)
 
 
 def test_third_order_step_is_exact_for_quadratics():
