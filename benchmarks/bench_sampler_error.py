@@ -11,7 +11,8 @@ Wasserstein-1 distance (--projections directions) to fresh true samples, MMD² (
 the smallest component sd, on the first 2000 samples) and the mean exact log-likelihood (vs −H(p)), and
 the pathwise RMS distance to the exact probability-flow ODE's x_0 from the same x_T and the same start
 (`ode_reference` over every code step from the solver's first timestep; a deterministic solver's own
-discretisation error, free of sampling noise; meaningless for DDPM).
+discretisation error, free of sampling noise; meaningless for DDPM), and its median over the samples (the RMS is
+dominated by the rare samples whose path ends in another mode, which a step rule hardly controls).
 
 Two noise floors: true vs true (two independent sets), and the paired floor, the same metrics for the
 exact ODE's x_0 from the same x_T against the same reference set. The sampling noise of SW1 is large
@@ -23,6 +24,8 @@ the floor at 20 NFE; no sampler of ours at its defaults worse than 1.2x its diff
 summary prints the ratios both of the raw metric and of the excess over the paired floor.
 
     python benchmarks/bench_sampler_error.py [--n 4000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
+    python benchmarks/bench_sampler_error.py --mmd-widths --n 2000 --seeds 2 --out FILE
+        (why MMD² ranks solvers differently: it against a closed form from each component's measured width)
     in parallel: one process per --mixtures M (--out part_M.json), then --merge part_*.json --out FILE
     FULL: --n 8000 --seeds 5 --projections 1000
 Writes a JSON results file (the command, the date and the machine included) when --out is given.
@@ -101,15 +104,113 @@ def diffusers_solvers(betas) -> dict:
             "ddim": lambda: d.DDIMScheduler(trained_betas=betas, clip_sample=False)}
 
 
-METRICS = ["sw1", "mmd2", "loglik", "rms"]
+METRICS = ["sw1", "mmd2", "loglik", "rms", "med"]
+PATHWISE = ("rms", "med")  # distances to the exact ODE's x_0 from the same x_T: no floor
 
 
 def metrics(x, mix, ref, bandwidth, projections, exact):
-    "(SW1, MMD², mean log p, RMS distance to the exact ODE's x_0 `exact`) of samples x against the true set ref."
+    """(SW1, MMD², mean log p, RMS and median distance to the exact ODE's x_0 `exact`) of samples x against the
+    true set ref. The RMS is dominated by the rare samples whose path ends in another mode; the median is not."""
     x = x.double()
-    rms = float((x - exact.double()).flatten(1).pow(2).sum(1).mean().sqrt())
+    d = (x - exact.double()).flatten(1).norm(dim=1)
     return (sliced_w1(x, ref, projections), mmd2_rbf(x[:2000], ref[:2000], bandwidth),
-            float(mix.log_prob(x.reshape(len(x), -1)).mean()), rms)
+            float(mix.log_prob(x.reshape(len(x), -1)).mean()), float(d.pow(2).mean().sqrt()), float(d.median()))
+
+
+def component_widths(x, mix, ref=None):
+    """(the share of x nearest each component's mean, each component's width factor, each one's core density):
+    the RMS distance to the mean of the samples within 4σ√D of it, and the share of those within σ√D/4 of the
+    mean, each over the same statistic of true samples `ref` (the last two outputs of this function for them)."""
+    x, mu = x.double().reshape(len(x), -1), mix.means.double()
+    sd = mix.stds.double().reshape(len(mu), -1)[:, 0]
+    near = torch.cdist(x, mu).argmin(1)
+    share, stat, core = [], [], []
+    for c in range(len(mu)):
+        d2 = (x[near == c] - mu[c]).pow(2).sum(1)
+        d2 = d2[d2 < 16 * sd[c] ** 2 * mix.dim]
+        share.append(float((near == c).double().mean()))
+        stat.append(float(d2.mean().sqrt()) if len(d2) else float("nan"))
+        core.append(float((d2 < sd[c] ** 2 * mix.dim / 16).double().mean()) if len(d2) else float("nan"))
+    if ref is None:
+        return np.array(share), np.array(stat), np.array(core)
+    return np.array(share), np.array(stat) / ref[0], np.array(core) / ref[1]
+
+
+def mmd2_widths(mix, share, width, bandwidth, n) -> float:
+    """Closed-form MMD² (the V-statistic's 2/n bias added) between the mixture and the same mixture with weights
+    `share` and each component's sd scaled by `width`: E exp(-|X-Y|²/2h²) for X ~ N(a, s²I), Y ~ N(b, r²I) is
+    (h²/v)^{D/2} exp(-|a-b|²/2v), v = h² + s² + r²."""
+    mu, D, h2 = mix.means.double(), mix.dim, bandwidth ** 2
+    sd, w = mix.stds.double().reshape(len(mu), -1)[:, 0].numpy(), mix.weights.double().numpy()
+    d2 = torch.cdist(mu, mu).pow(2).numpy()
+    def ek(wa, sa, wb, sb):
+        v = h2 + sa[:, None] ** 2 + sb[None] ** 2
+        return float((wa[:, None] * wb[None] * (h2 / v) ** (D / 2) * np.exp(-d2 / (2 * v))).sum())
+    sq = sd * width
+    return ek(share, sq, share, sq) + ek(w, sd, w, sd) - 2 * ek(share, sq, w, sd) + 2.0 / n
+
+
+def run_mmd_widths(args) -> dict:
+    """The narrow mixture, both schedules: every solver's measured MMD², its closed form from the measured
+    component shares and widths, and the widths, per seed and NFE."""
+    torch.set_num_threads(1)
+    out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+           "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} thread(s)", "n": args.n, "seeds": args.seeds, "nfe": args.nfe,
+           "fields": ["mmd2", "mmd2 closed form", "widths", "cores"], "results": {}}
+    mix = mixtures()["narrow"]
+    h = 0.5 * float(mix.stds.min())
+    ref_stat = component_widths(mix.sample(50_000, torch.Generator().manual_seed(5))[0], mix)[1:]
+    out["stds"] = mix.stds.double().reshape(len(mix.means), -1)[:, 0].tolist()
+    for sname in args.schedules:
+        sched = NoiseSchedule.from_name(sname, 1000)
+        oracle = GaussianMixtureOracle(mix, sched)
+        theirs = diffusers_solvers(sched.betas.numpy())
+        res = out["results"].setdefault(f"narrow/{sname}", {})
+        for seed in range(args.seeds):
+            x_T = torch.randn(args.n, mix.dim, generator=torch.Generator().manual_seed(seed))
+            ref = mix.sample(args.n, torch.Generator().manual_seed(1000 + seed))[0]
+            runs = {"exact ODE": {"-": lambda: ode_reference(oracle, sched, x_T, len(sched) - 1)}}
+            for nfe in args.nfe:
+                for s in SAMPLERS:
+                    if s != "ddpm":
+                        runs.setdefault(f"ours {s}", {})[str(nfe)] = (
+                            lambda s=s, nfe=nfe: sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T, sampler=s))
+                for name, m in theirs.items():
+                    runs.setdefault(f"diffusers {name}", {})[str(nfe)] = (
+                        lambda m=m, nfe=nfe: diffusers_sample(m(), oracle, x_T, nfe))
+            for name, per in runs.items():
+                for nfe, fn in per.items():
+                    x = fn()
+                    share, width, core = component_widths(x, mix, ref_stat)
+                    res.setdefault(name, {}).setdefault(nfe, []).append(
+                        [mmd2_rbf(x, ref, h), mmd2_widths(mix, share, width, h, args.n), width.tolist(),
+                         core.tolist()])
+        print(f"narrow/{sname}: done", file=sys.stderr)
+    return out
+
+
+def summarise_mmd_widths(out) -> str:
+    "Measured MMD² against its closed form from the component widths, and the rank correlation of the two."
+    from scipy.stats import spearmanr
+    lines, meas, pred = [], [], []
+    for key, res in out["results"].items():
+        lines.append(f"\n{key}: MMD² measured / closed form from the widths; widths and core densities of the σ = "
+                     f"{min(out['stds']):.2f} components (mean over seeds)")
+        narrow = [i for i, s in enumerate(out["stds"]) if s == min(out["stds"])]
+        for name, per in res.items():
+            cells = []
+            for nfe, runs in per.items():
+                m, p = np.mean([r[0] for r in runs]), np.mean([r[1] for r in runs])
+                meas += [r[0] for r in runs]; pred += [r[1] for r in runs]
+                w = np.mean([[r[2][i] for i in narrow] for r in runs], 0)
+                k = np.mean([[r[3][i] for i in narrow] for r in runs], 0)
+                cells.append(f"{nfe}: {m:.4f}/{p:.4f} w " + "/".join(f"{v:.2f}" for v in w)
+                             + " core " + "/".join(f"{v:.1f}" for v in k))
+            lines.append(f"{name:20s} " + "  ".join(cells))
+    rho = spearmanr(meas, pred).statistic
+    lines.append(f"\nrank correlation of measured and closed-form MMD² over {len(meas)} runs: {rho:.2f}")
+    return "\n".join(lines)
 
 
 def run(args) -> dict:
@@ -198,7 +299,7 @@ def goal_ratios(out, key, nfe, metric="sw1", excess=False):
     e = errors(out, key, metric, excess)
     mean = lambda name: float(np.mean(e[name][str(nfe)]))
     mine = [n for n in e if n.startswith("ours") and len(n.split()) == 2 and str(nfe) in e[n]
-            and not (metric == "rms" and n == "ours ddpm")]                 # a stochastic path has no ODE
+            and not (metric in PATHWISE and n == "ours ddpm")]                 # a stochastic path has no ODE
     theirs = [n for n in e if n.startswith("diffusers") and str(nfe) in e[n]]
     if not mine or not theirs: return None
     best, tb = min(mine, key=mean), min(theirs, key=mean)
@@ -251,7 +352,7 @@ def summarise(out, metric="sw1") -> str:
             head += f", paired floor (exact ODE from the same x_T) {np.mean(pf):.4f} ±{_se(pf):.4f}"
         if metric == "loglik": head += f" (|mean log p + H(p)|, −H(p) = {negH:.3f})"
         lines.append(head)
-        for excess in ((False, True) if paired and metric != "rms" else (False,)):
+        for excess in ((False, True) if paired and metric not in PATHWISE else (False,)):
             e = errors(out, key, metric, excess)
             lines.append(f"{'excess over the paired floor' if excess else 'sampler':28s}"
                          + "".join(f"{'NFE ' + n:>18s}" for n in map(str, out["nfe"])))
@@ -259,15 +360,15 @@ def summarise(out, metric="sw1") -> str:
                 cells = [per.get(str(n)) for n in out["nfe"]]
                 lines.append(f"{name:28s}" + "".join(f"{np.mean(c):>10.4f} ±{_se(c):.4f}" if c else f"{'–':>18s}"
                                                      for c in cells))
-        for excess in ((False, True) if paired and metric not in ("rms",) else (False,)):
+        for excess in ((False, True) if paired and metric not in PATHWISE else (False,)):
             for nfe in out["nfe"]:
                 g = goal_ratios(out, key, nfe, metric, excess)
                 if g is None: continue
                 best, b, tb, t_, pairs = g
                 line = (f"{'excess ' if excess else ''}NFE {nfe}: our best at defaults {best} {b:.4f}; "
                         f"diffusers' best {tb} {t_:.4f}; ratio {b / t_:.2f}" if t_ else "")
-                if not excess and metric != "rms": line += f"; / floor {b / floor:.2f}"
-                if not excess and paired and metric not in ("loglik", "rms"):
+                if not excess and metric not in PATHWISE: line += f"; / floor {b / floor:.2f}"
+                if not excess and paired and metric not in ("loglik", *PATHWISE):
                     line += f"; / paired floor {b / np.mean([r[m] for r in paired]):.2f}"
                 line += "".join(f"; {a.split()[1]} vs diffusers {r:.2f}" for a, r in pairs.items())
                 lines.append(line)
@@ -290,7 +391,15 @@ def main():
     p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
     p.add_argument("--merge", nargs="+", default=None,
                    help="merge results files of runs on disjoint --mixtures (one process each) into --out")
+    p.add_argument("--mmd-widths", action="store_true",
+                   help="only the narrow mixture: MMD² against its closed form from each component's width")
     args = p.parse_args()
+    if args.mmd_widths:
+        out = run_mmd_widths(args)
+        print(summarise_mmd_widths(out))
+        if args.out:
+            with open(args.out, "w") as f: json.dump(out, f, indent=1)
+        return
     if args.merge:
         parts = [json.load(open(f)) for f in args.merge]
         out = dict(parts[0])
@@ -299,18 +408,18 @@ def main():
         out["command"] = " ; ".join(part["command"] for part in parts) + " ; then --merge"
         out["date"] = min(part["date"] for part in parts)
         for metric in out["metrics"]: print(summarise(out, metric))
-        print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
+        print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
         if args.out:
             with open(args.out, "w") as f: json.dump(out, f, indent=1)
         return
     if args.summarise:
         out = json.load(open(args.summarise))
         for metric in out["metrics"]: print(summarise(out, metric))
-        print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
+        print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
         return
     out = run(args)
     for metric in out["metrics"]: print(summarise(out, metric))
-    if args.spacings is not None: print(summarise_rules(out, "rms"), summarise_rules(out, "sw1", excess=True))
+    if args.spacings is not None: print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
     if args.out:
         with open(args.out, "w") as f: json.dump(out, f, indent=1)
 
