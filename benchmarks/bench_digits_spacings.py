@@ -9,7 +9,11 @@ every run shares one reference. Each run is also scored with its first-order las
 step (the trajectory's last prediction), in place of the second-order one of Eq. (eq-sampling-final), which
 the multistep solvers take where ς of the step before the last is <= FINAL_SIGMA ("... first-order" keys).
 
+With --ddim: DDIM instead, with 'trailing-capped' and 'midpoint' (its default from MIDPOINT_FROM steps), at
+--nfe steps (there: 10, 20, 50), scored the same way.
+
     python benchmarks/bench_digits_spacings.py [--n 1000] [--seeds 3] [--out FILE]
+    python benchmarks/bench_digits_spacings.py --ddim --nfe 10 20 50 --out FILE
 """
 import argparse
 import datetime
@@ -38,7 +42,9 @@ def main():
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     p.add_argument("--converged", type=int, default=200)
     p.add_argument("--out", default=None)
+    p.add_argument("--ddim", action="store_true", help="DDIM with 'trailing-capped' and 'midpoint' instead")
     args = p.parse_args()
+    rules, solvers = (("trailing-capped", "midpoint"), ("ddim",)) if args.ddim else (RULES, SOLVERS)
     torch.set_num_threads(1)
     net, sched, cfg = pretrained.load("digits", device="cpu")
     xtr, clf = load_digits("train")[0], load_digits_classifier()
@@ -54,9 +60,9 @@ def main():
         out["fid"].setdefault("converged", []).append(
             fid(sample(net, sched, x_T.shape, "dpmpp2m", args.converged, spacing="blend", noise=x_T,
                        clip_denoised=True, **kw)))
-        for s in SOLVERS:
+        for s in solvers:
             for nfe in args.nfe:
-                for sp in RULES:
+                for sp in rules:
                     x, tr = sample(net, sched, x_T.shape, s, nfe, spacing=sp, noise=x_T, clip_denoised=True,
                                    return_trajectory=True, **kw)
                     out["fid"].setdefault(f"{s} {nfe} {sp}", []).append(fid(x))
@@ -66,9 +72,9 @@ def main():
     top = int(space_timesteps(len(sched), 10, "blend", sched.alphas_cumprod, sigma_max=SIGMA_MAX_EPS)[-1])
     with torch.no_grad():
         ref = ode_reference(net, sched, x_T, top, **kw)
-    for s in SOLVERS:
+    for s in solvers:
         for nfe in args.nfe:
-            for sp in RULES:
+            for sp in rules:
                 assert int(space_timesteps(len(sched), nfe, sp, sched.alphas_cumprod, sigma_max=SIGMA_MAX_EPS)[-1]) == top
                 x, tr = sample(net, sched, x_T.shape, s, nfe, spacing=sp, noise=x_T, return_trajectory=True, **kw)
                 for key, y in ((f"{s} {nfe} {sp}", x), (f"{s} {nfe} {sp} first-order", tr.pred_x0[-1])):

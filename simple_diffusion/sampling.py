@@ -31,7 +31,7 @@ from .schedules import NoiseSchedule
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
            'LOWER_ORDER_FINAL', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING',
-           'BLEND_FROM', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps',
+           'BLEND_FROM', 'MIDPOINT_FROM', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps',
            'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
            'unipc_correct', 'final_step_x0', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning',
            'run_sampler', 'default_discretisation', 'sample', 'ode_reference', 'discretisation_error',
@@ -54,7 +54,7 @@ def ddpm_step(
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp3m", "unipc")
 SPACINGS = (
     "linspace", "leading", "trailing", "logsnr", "edm", "trailing-capped", "logsnr-trailing",
-    "blend",
+    "blend", "midpoint",
 )
 CAPPED_SPACINGS = SPACINGS[3:]  # the rules that start at σ/α <= sigma_max
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
@@ -69,8 +69,9 @@ def _half_log_snr(abar):
 def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     """S ascending code steps in [0, t_max], uniform in λ ('logsnr'), in σ^(1/ρ) ('edm'), in t
     with the last one above t = 0 ('trailing-capped') or in λ with the last one above t = 0
-    ('logsnr-trailing'), or at the λ halfway between those two ('blend'),
-    Eq. (eq-sampling-logsnr) and (eq-sampling-blend)."""
+    ('logsnr-trailing'), or at the λ halfway between those two ('blend'), or ending at t = 0 after
+    S - 1 steps uniform in t from t_max down to half a spacing ('midpoint'),
+    Eq. (eq-sampling-logsnr), (eq-sampling-blend) and (eq-sampling-midpoint)."""
     t_max = int((abar >= 1 / (1 + sigma_max**2)).sum()) - 1
     S = check_int(S, "steps", 1, t_max + 1)
     lam = _half_log_snr(abar[: t_max + 1])
@@ -79,7 +80,10 @@ def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
         u = np.linspace(0.0, 1.0, S + 1)[:-1]
     # diffusers' 'trailing' on the steps 0..t_max
     t = np.round((t_max + 1) * (1 - np.arange(S)[::-1] / S)) - 1
-    if spacing == "trailing-capped":
+    if spacing == "midpoint" and S > 1:  # t = 0 and t_j = (j + ½)Δ - 1, the top at t_max
+        step = (t_max + 1) / (S - 1.5)
+        t = np.concatenate([[0.0], np.round((np.arange(S - 1) + 0.5) * step) - 1])
+    if spacing in ("trailing-capped", "midpoint"):
         target = None
     elif spacing in ("logsnr", "logsnr-trailing"):
         target = lam[-1] + u * (lam[0] - lam[-1])
@@ -142,7 +146,9 @@ def space_timesteps(
     definitions; 'logsnr': uniform in λ = log(α/σ) (Lu et al. 2022, Sec. 3.3); 'edm': uniform in
     σ^(1/ρ) with σ = e^{-λ} (Karras et al. 2022, Eq. 5); 'trailing-capped', 'logsnr-trailing':
     'trailing' and 'logsnr' with their last step above t = 0, so that the final step to σ = 0 is
-    a real one; 'blend': at each step the λ halfway between those two (Eq. eq-sampling-blend).
+    a real one; 'blend': at each step the λ halfway between those two (Eq. eq-sampling-blend);
+    'midpoint': t = 0 and S - 1 steps uniform in t, the top at t_max, the lowest half a spacing
+    above t = 0 (Eq. eq-sampling-midpoint).
     CAPPED_SPACINGS stop at σ/α = sigma_max.
     A sequence is checked (strictly increasing integers in [0, T-1], S of them if steps is given)
     and returned as it is."""
@@ -708,12 +714,13 @@ def _device_for(model, device):
 
 DEFAULT_SPACING = {  # measured best across the benchmark below
     "ddpm": "leading",
-    "ddim": "trailing-capped",
+    "ddim": "trailing-capped",  # 'midpoint' from MIDPOINT_FROM steps
     "dpmpp2m": "trailing-capped",
     "dpmpp3m": "trailing-capped",
     "unipc": "trailing-capped",
 }
 BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
+MIDPOINT_FROM = 20  # from this many steps on, DDIM defaults to 'midpoint'
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 
@@ -723,7 +730,8 @@ def default_discretisation(
     steps: int | None,  # S, or None: all the spacing allows
     prediction: str = "eps",  # the model's prediction type
 ) -> tuple[str, float]:  # (spacing, sigma_max) that `sample` uses when spacing=None
-    """DEFAULT_SPACING[sampler] ('blend' for a multistep solver from BLEND_FROM steps);
+    """DEFAULT_SPACING[sampler] ('blend' for a multistep solver from BLEND_FROM steps,
+    'midpoint' for DDIM from MIDPOINT_FROM);
     DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
     'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
     an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
@@ -734,6 +742,8 @@ def default_discretisation(
     ok = isinstance(steps, (int, np.integer)) and 1 <= steps <= len(schedule)
     if sampler in MULTISTEP and (steps is None or ok and steps >= BLEND_FROM):
         spacing = "blend"
+    if sampler == "ddim" and (steps is None or ok and steps >= MIDPOINT_FROM):
+        spacing = "midpoint"
     if spacing != "leading" and not (steps is None or ok and steps <= allowed):
         return "leading", sigma_max
     if spacing == "leading" and ok:

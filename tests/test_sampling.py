@@ -12,7 +12,7 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
+from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
                                        unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
@@ -336,6 +336,29 @@ def test_blend_spacing_is_halfway_in_log_snr():
             assert int(ts[0]) == t_max and int(ts[-1]) > 0, (name, S)
             lo, hi = lam[(ts + 1).clamp(max=t_max)], lam[(ts - 1).clamp(min=0)]
             assert bool(((lo <= target + 1e-12) & (target <= hi + 1e-12)).all()), (name, S, ts.tolist())
+
+
+def test_midpoint_spacing_ends_at_t0_after_a_uniform_grid():
+    """'midpoint', Eq. (eq-sampling-midpoint): t = 0, and S - 1 steps of one spacing Δ = (t_max + 1)/(S - 3/2) in t,
+    the top at t_max and the lowest half a spacing above t = 0, each to the nearest integer; one step is t_max. Checked
+    against that definition on every named schedule without a size argument, and DDIM's default switches to it at
+    MIDPOINT_FROM steps (trailing-capped below, for every prediction type)."""
+    for name in ("linear", "cosine", "quadratic", "sigmoid"):
+        sched = NoiseSchedule.from_name(name, 1000)
+        ab = sched.alphas_cumprod
+        t_max = int((ab >= 1 / (1 + 20.0**2)).sum()) - 1
+        assert space_timesteps(1000, 1, "midpoint", ab, sigma_max=20.0).tolist() == [t_max]
+        for S in (2, 3, 5, 20, 50):
+            ts = space_timesteps(1000, S, "midpoint", ab, sigma_max=20.0).tolist()
+            delta = (t_max + 1) / (S - 1.5)
+            want = [0] + [(j + 0.5) * delta - 1 for j in range(S - 1)]
+            assert len(ts) == S and ts[0] == 0 and ts[-1] == t_max, (name, S, ts)
+            assert all(abs(a - b) <= 0.5 for a, b in zip(ts, want)), (name, S, ts)
+            assert all(b > a for a, b in zip(ts, ts[1:])), (name, S, ts)
+        for pred in ("eps", "v"):
+            assert default_discretisation(sched, "ddim", MIDPOINT_FROM - 1, pred)[0] == "trailing-capped"
+            assert default_discretisation(sched, "ddim", MIDPOINT_FROM, pred)[0] == "midpoint"
+            assert default_discretisation(sched, "dpmpp2m", MIDPOINT_FROM, pred)[0] == "blend"
 
 
 def test_final_step_is_second_order_in_sigma_squared():
