@@ -1,8 +1,8 @@
 """Time discretisations optimised for a budget against the exact oracle, and how they transfer.
 
 For each sampler and NFE: `optimise_timesteps` on ONE mixture and schedule (the 8-Gaussian ring, cosine,
-T = 1000; --n-opt draws of x_T, --iters sweeps), then, on held-out x_T, the default discretisation against
-the optimised one on every mixture of benchmarks/bench_sampler_error.py (ring, grid, narrow, 10-D) and both
+T = 1000; --n-opt draws of x_T, --iters sweeps), then, on held-out x_T, the default discretisation (what
+`sample` uses with spacing=None) and the 'logsnr' rule (the optimiser's first start) against the optimised one on every mixture of benchmarks/bench_sampler_error.py (ring, grid, narrow, 10-D) and both
 schedules (linear, cosine): (a) the RMS distance of the solver's x_0 to the probability-flow ODE's from the
 same x_T (`discretisation_error`, Eq. eq-sampling-steps-objective), (b) SW1 and MMD² to fresh mixture draws
 (the benchmark's metric functions), with diffusers' best solver at the same NFE. On the linear schedule the
@@ -10,8 +10,9 @@ optimised knots are carried over in normalised log-SNR between the linear defaul
 trained digits model (cosine, eps): FID (shipped digits classifier, against the train split) of the default
 and of the ring-optimised timesteps, same code t.
 
-The optimiser starts from the default discretisation and, for UniPC and DDIM, also from the DPM-Solver++(2M)
-optimum at the same NFE where that has the same two ends (a second start: the objective has local minima).
+The optimiser starts from the 'logsnr' rule (ends at code t = 0 and the σ/α cap), from the default
+discretisation where it has the same noisiest knot (its lowest knot then stays where the default puts it), and,
+for UniPC and DDIM, also from the DPM-Solver++(2M) optimum at the same NFE where that has the same two ends (a second start: the objective has local minima).
 
     python scripts/optimise_steps.py [--n-opt 512] [--iters 8] [--n 1000] [--seeds 2] [--nfe 5 7 10]
         [--samplers dpmpp2m unipc ddim] [--digits-n 2000] [--digits-seeds 3] [--out FILE]
@@ -46,7 +47,7 @@ from simple_diffusion.sampling import (SamplingWarning, default_discretisation, 
 from simple_diffusion.schedules import NoiseSchedule  # noqa: E402
 
 
-VARIANTS = ("default", "optimised", "optimised_gap")    # optimised_gap: no step below --min-gap of the uniform one
+VARIANTS = ("default", "logsnr", "optimised", "optimised_gap")  # optimised_gap: no step below --min-gap of the uniform one
 
 
 def half_log_snr(schedule) -> np.ndarray:
@@ -54,9 +55,22 @@ def half_log_snr(schedule) -> np.ndarray:
     return 0.5 * schedule.log_snr.double().numpy()
 
 
-def default_steps(schedule, sampler, nfe) -> list:
-    "The 'logsnr' rule from code t = 0 to the default's σ/α cap: the optimiser's start (the default until 2026-12-01)."
-    return respace(schedule, nfe, "logsnr", default_discretisation(schedule, sampler, nfe)[1]).timesteps.tolist()
+def logsnr_steps(schedule, sampler, nfe, prediction="eps") -> list:
+    "The 'logsnr' rule from code t = 0 to the default's σ/α cap: the optimiser's first start (the default until 2026-12-01)."
+    smax = default_discretisation(schedule, sampler, nfe, prediction)[1]
+    return respace(schedule, nfe, "logsnr", smax).timesteps.tolist()
+
+
+def shipped_steps(schedule, sampler, nfe, prediction="eps") -> list:
+    "The code timesteps `sample` uses with spacing=None: the default discretisation."
+    return respace(schedule, nfe, *default_discretisation(schedule, sampler, nfe, prediction)).timesteps.tolist()
+
+
+def starts_for(schedule, sampler, nfe, prediction="eps") -> list:
+    "The optimiser's starts: the logsnr rule, and the shipped default where it has the same noisiest knot."
+    ts0 = logsnr_steps(schedule, sampler, nfe, prediction)
+    ts1 = shipped_steps(schedule, sampler, nfe, prediction)
+    return [ts0] + ([ts1] if ts1[-1] == ts0[-1] and ts1 != ts0 else [])
 
 
 def transfer(ts, src, dst, dst_ends) -> list:
@@ -106,8 +120,8 @@ def run(args) -> dict:
         out["optimised"] = json.load(open(args.knots_from))["optimised"]
     for sampler in args.samplers if "optimise" in args.parts else ():
         for nfe in args.nfe:
-            ts0 = default_steps(cos, sampler, nfe)
-            starts = [ts0]
+            ts0 = logsnr_steps(cos, sampler, nfe)
+            starts = starts_for(cos, sampler, nfe)
             warm = out["optimised"].get(f"dpmpp2m/{nfe}", {}).get("optimised")
             if sampler != "dpmpp2m" and warm and warm[-1] == ts0[-1]:
                 starts.append(warm)
@@ -117,22 +131,24 @@ def run(args) -> dict:
                                     init=starts)
             t2 = time.perf_counter()
             warm_gap = out["optimised"].get(f"dpmpp2m/{nfe}", {}).get("optimised_gap")
-            starts_gap = [ts0, ts.tolist()] + ([warm_gap] if sampler != "dpmpp2m" and warm_gap
+            starts_gap = [*starts, ts.tolist()] + ([warm_gap] if sampler != "dpmpp2m" and warm_gap
                                                and warm_gap[-1] == ts0[-1] else [])
             ts_gap = optimise_timesteps(ring, cos, nfe, sampler, n=args.n_opt, iters=args.iters,
                                         generator=torch.Generator().manual_seed(0), init=starts_gap,
                                         min_gap=args.min_gap)
             x_T = torch.randn(args.n_opt, 2, generator=torch.Generator().manual_seed(0))
             ref = ode_reference(ring, cos, x_T, ts0[-1])
-            e0, e1, e2 = (discretisation_error(ring, cos, t, sampler, noise=x_T, reference=ref)
-                          for t in (ts0, ts, ts_gap))
+            ts_def = shipped_steps(cos, sampler, nfe)
+            e0, e1, e2, e3 = (discretisation_error(ring, cos, t, sampler, noise=x_T, reference=ref)
+                              for t in (ts_def, ts0, ts, ts_gap))
             out["optimised"][f"{sampler}/{nfe}"] = {
-                "default": ts0, "optimised": ts.tolist(), "optimised_gap": ts_gap.tolist(), "starts": starts,
-                "starts_gap": starts_gap, "seconds": t2 - t1, "seconds_gap": time.perf_counter() - t2,
-                "rms_train_default": e0 ** 0.5, "rms_train_optimised": e1 ** 0.5, "rms_train_optimised_gap": e2 ** 0.5}
-            print(f"optimised {sampler} {nfe}: {ts0} -> {ts.tolist()} / gap {ts_gap.tolist()}, train RMS "
-                  f"{e0 ** 0.5:.4f} -> {e1 ** 0.5:.4f} / {e2 ** 0.5:.4f} ({time.perf_counter() - t0:.0f} s)",
-                  file=sys.stderr, flush=True)
+                "default": ts_def, "logsnr": ts0, "optimised": ts.tolist(), "optimised_gap": ts_gap.tolist(),
+                "starts": starts, "starts_gap": starts_gap, "seconds": t2 - t1,
+                "seconds_gap": time.perf_counter() - t2, "rms_train_default": e0 ** 0.5,
+                "rms_train_logsnr": e1 ** 0.5, "rms_train_optimised": e2 ** 0.5, "rms_train_optimised_gap": e3 ** 0.5}
+            print(f"optimised {sampler} {nfe}: {ts_def} (default) -> {ts.tolist()} / gap {ts_gap.tolist()}, "
+                  f"train RMS {e0 ** 0.5:.4f} (logsnr {e1 ** 0.5:.4f}) -> {e2 ** 0.5:.4f} / {e3 ** 0.5:.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.out and "optimise" in args.parts:
         with open(args.out, "w") as f:                      # the knots, for a --parts transfer process
             json.dump(out, f, indent=1)
@@ -151,9 +167,9 @@ def run(args) -> dict:
                 refs = {}
                 for sampler in args.samplers:
                     for nfe in args.nfe:
-                        ts0 = default_steps(sched, sampler, nfe)
-                        variants = {"default": ts0}
-                        for v in VARIANTS[1:]:
+                        ts0 = logsnr_steps(sched, sampler, nfe)
+                        variants = {"default": shipped_steps(sched, sampler, nfe), "logsnr": ts0}
+                        for v in VARIANTS[2:]:
                             ts1 = out["optimised"][f"{sampler}/{nfe}"][v]
                             variants[v] = ts1 if sname == "cosine" else transfer(ts1, cos, sched, (ts0[0], ts0[-1]))
                         if ts0[-1] not in refs:
@@ -192,9 +208,10 @@ def run(args) -> dict:
         res = out["self"].setdefault(f"{mname}/cosine", {})
         for sampler in args.self_samplers:
             for nfe in args.self_nfe:
-                ts0 = default_steps(cos, sampler, nfe)
+                ts0 = logsnr_steps(cos, sampler, nfe)
                 t1 = time.perf_counter()
                 ts = optimise_timesteps(oracle, cos, nfe, sampler, n=args.n_opt, iters=args.iters,
+                                        init=starts_for(cos, sampler, nfe),
                                         generator=torch.Generator().manual_seed(0)).tolist()
                 r = res[f"{sampler}/{nfe}"] = {"timesteps": ts, "seconds": time.perf_counter() - t1, "runs": []}
                 for seed in range(args.seeds):                      # the held-out draws of part 2
@@ -204,7 +221,7 @@ def run(args) -> dict:
                     x = sample(oracle, cos, x_T.shape, sampler, spacing=ts, noise=x_T)
                     rms = float((x - ref).double().pow(2).sum(1).mean().sqrt())
                     r["runs"].append([rms, *metrics(x, fresh, h, args.projections)])
-                print(f"self {mname} {sampler} {nfe}: {ts0} -> {ts} ({time.perf_counter() - t0:.0f} s)",
+                print(f"self {mname} {sampler} {nfe}: {shipped_steps(cos, sampler, nfe)} (default) -> {ts} ({time.perf_counter() - t0:.0f} s)",
                       file=sys.stderr, flush=True)
     # 5. steps optimised against the digits network's own probability-flow ODE (no oracle), then FID
     if "digits_self" in args.parts:
@@ -216,7 +233,7 @@ def run(args) -> dict:
                 t1 = time.perf_counter()
                 ts = optimise_timesteps(model, dsched, nfe, sampler, shape=(1, 8, 8), prediction=cfg.prediction,
                                         n=args.digits_self_n, iters=args.digits_self_iters, candidates=8,
-                                        generator=torch.Generator().manual_seed(0)).tolist()
+                                        init=starts_for(dsched, sampler, nfe, cfg.prediction), generator=torch.Generator().manual_seed(0)).tolist()
                 fids = digits_fids(model, dsched, cfg, clf, f_train, sampler, ts, args)
                 out["digits"][f"{sampler}/{nfe}/self"] = {"timesteps": ts, "fid": fids,
                                                          "seconds": time.perf_counter() - t1}
