@@ -354,6 +354,10 @@ def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
     order = min(order, len(prev) + 1)
     lam_s, lam_t = _lam(abar_s), _lam(abar_t)
     h = lam_t - lam_s
+    if m_new is None and order >= 2:  # the predictor: the step-ratio guard of dpmpp3m_step
+        h0 = lam_s - _lam(prev[0][1])
+        h1 = _lam(prev[0][1]) - _lam(prev[1][1]) if order == 3 else math.inf
+        order = 1 if h > MAX_STEP_RATIO * h0 else 2 if h0 > MAX_STEP_RATIO * h1 else order
     rks = [(_lam(a) - lam_s) / h for _, a in prev[: order - 1]] + [1.0]
     D1s = [(m - m0) / r for (m, _), r in zip(prev[: order - 1], rks)]
     hh = -h
@@ -388,7 +392,8 @@ def unipc_step(
     order: int = 2,  # the predictor's order p, one of UNIPC_ORDERS
 ) -> torch.Tensor:  # [B, ...] x_t
     """The UniP-p predictor, Eq. (eq-sampling-unip) (Zhao et al. 2023, Alg. 1, B(h) = e^h - 1);
-    p = 1 is DDIM (η = 0)."""
+    p = 1 is DDIM (η = 0). Guarded like `dpmpp3m_step`: p = 1 where h > MAX_STEP_RATIO × the last
+    h, p <= 2 where the last h was that much longer than the one before it."""
     order = check_choice(order, UNIPC_ORDERS, "order")
     if len(history) < order - 1:
         raise ValueError(f"order={order} needs {order - 1} earlier x̂_0, got {len(history)}")
