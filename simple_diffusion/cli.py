@@ -153,8 +153,7 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
                     x = guided_sample(model, schedule, (n_k, *shape), labels[lo:lo + n_k].to(dev),
                                       guidance=getattr(args, "guidance", 0.0), generator=g, **kw)
             except SamplingWarning as w:
-                raise ValueError(f"sampling went numerically wrong ({w}); try another --spacing "
-                                 "or fewer --steps") from None
+                raise ValueError(f"sampling went numerically wrong: {w}") from None
         mine[k] = x.float().cpu()
     if world > 1:
         parts = [None] * world

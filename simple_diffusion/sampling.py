@@ -680,7 +680,7 @@ def run_sampler(
                 traj[0].append(torch.cat(xs))
                 traj[1].append(torch.cat(x0s))
     x = torch.cat(xs)
-    _warn_if_wrong(x)
+    _warn_if_wrong(x, denoiser, ab[-1])
     if not return_trajectory:
         return x
     return x, Trajectory(
@@ -688,19 +688,36 @@ def run_sampler(
     )
 
 
-def _warn_if_wrong(x):
-    "Warn (SamplingWarning) if the samples are not finite or lie far outside the data range."
+def _warn_if_wrong(x, denoiser, abar_top):
+    """Warn (SamplingWarning) if the samples are not finite or lie far outside the data range,
+    naming the likely cause: an unclipped ε-model started above σ/α = SIGMA_MAX_EPS, or else
+    the network's own x̂_0."""
     big = float(x.detach().abs().amax()) if x.numel() else 0.0
-    if not math.isfinite(big) or big > X0_LIMIT:
-        frac = float((~torch.isfinite(x) | (x.abs() > X0_LIMIT)).float().mean())
-        warnings.warn(
-            f"{frac:.1%} of the sample values are non-finite or beyond ±{X0_LIMIT:g} "
-            f"(max |x| {big:.3g}): the run went numerically wrong. An ε-model at ᾱ ≈ 0 "
-            "(e.g. the last cosine step with spacing='trailing') amplifies its error by "
-            "σ/α; use the default spacing, clip_denoised=True for images, or a v-model",
-            SamplingWarning,
-            stacklevel=3,
+    if math.isfinite(big) and big <= X0_LIMIT:
+        return
+    bad = ~torch.isfinite(x) | (x.abs() > X0_LIMIT)
+    rows = int(bad.reshape(len(x), -1).any(1).sum())
+    amp = math.sqrt((1 - abar_top) / abar_top) if abar_top > 0 else math.inf  # σ/α at the top
+    unclipped = not denoiser.clip_denoised and denoiser.threshold is None
+    if denoiser.prediction == "eps" and unclipped and amp > SIGMA_MAX_EPS:
+        why = (
+            f"An ε-model started at σ/α = {amp:.3g} amplifies its error by that factor, "
+            "Eq. (eq-sampling-eps-amp); use the default spacing, clip_denoised=True for "
+            "images, or a v-model"
         )
+    else:  # the start is sound: the network itself predicted x̂_0 out of range
+        why = (
+            "The first step is sound for this model, so the network's own x̂_0 left the "
+            "data range: a model error (often for starting noise in the tails, which "
+            "training rarely sees) or data not scaled to about [-1, 1]; check the model, "
+            "or pass clip_denoised=True for bounded data"
+        )
+    warnings.warn(
+        f"{rows} of {len(x)} samples hold values that are non-finite or beyond "
+        f"±{X0_LIMIT:g} (max |x| {big:.3g}): the run went numerically wrong. {why}",
+        SamplingWarning,
+        stacklevel=3,
+    )
 
 # %% ../nbs/12_sampling.ipynb #e3eb9a22
 def _device_for(model, device):

@@ -599,6 +599,22 @@ def test_garbage_is_reported_and_defaults_avoid_it():
         sample(ORACLE, SCHED, (4, 2), "ddim", 2, spacing="leading")
 
 
+def test_garbage_from_the_network_itself_is_not_blamed_on_the_spacing():
+    "A sound start (the default steps) but a network whose x̂_0 is 50x off for one sample: the warning names the model."
+    def bad(x, t):                                                        # sample 0's ε̂ is 50x its true x̂_0 error
+        eps = ORACLE(x, t)
+        a = SCHED.sqrt_alphas_cumprod[t].to(x.dtype)[:, None]
+        s = SCHED.sqrt_one_minus_alphas_cumprod[t].to(x.dtype)[:, None]
+        x0 = (x - s * eps) / a
+        x0 = torch.cat([50 * x0[:1], x0[1:]])                            # -> |x̂_0| ≈ 100 for sample 0 only
+        return (x - a * x0) / s
+    with pytest.warns(SamplingWarning, match=r"1 of 64 samples .* network's own x̂_0") as rec:
+        sample(bad, SCHED, (64, 2), "ddim", 10, generator=torch.Generator().manual_seed(0))
+    assert not any("default spacing" in str(w.message) for w in rec)
+    with pytest.warns(SamplingWarning, match=r"An ε-model started at σ/α = 2\.0\de\+04"):
+        sample(bad, SCHED, (64, 2), "ddim", 10, spacing="trailing", generator=torch.Generator().manual_seed(0))
+
+
 # ---- UniPC (Zhao et al. 2023, B(h) = e^h - 1) -------------------------------------------------------------------
 
 @pytest.mark.parametrize("p, corrector", [(1, False), (2, False), (3, False), (1, True), (2, True), (3, True)])
