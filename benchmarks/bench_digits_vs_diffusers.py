@@ -16,8 +16,9 @@ all from the same x_T, paired over --seeds seeds of --n samples. Also the share 
 the clamp (a run that went numerically wrong shows there first).
 
     python benchmarks/bench_digits_vs_diffusers.py [--n 1000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
-    in parts: [--ours default clipped clipped-leading] [--no-diffusers] --out PART.json, then
-    --merge PART.json ... --out FILE (the same --n, --seeds and --nfe in every part)
+    in parts: [--ours default clipped clipped-leading] [--samplers ddim ...] [--no-diffusers] --out PART.json,
+    then --merge PART.json ... --out FILE (the same --n, --seeds and --nfe in every part; a later part's
+    keys replace an earlier one's)
 """
 import argparse
 import datetime
@@ -75,6 +76,7 @@ def main():
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--ours", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--samplers", nargs="+", default=list(OURS), choices=list(OURS), help="ours to run")
     p.add_argument("--merge", nargs="+", default=None, help="merge the results files of parts into --out")
     p.add_argument("--note", default=None, help="with --merge: a remark on how the parts were made")
     p.add_argument("--out", default=None)
@@ -116,7 +118,7 @@ def main():
     for seed in range(args.seeds):
         x_T = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
         for nfe in args.nfe:
-            for s in OURS:
+            for s in args.samplers:
                 for tag, clip, sp in (VARIANTS[v] for v in args.ours):
                     score(f"{tag} {s} {nfe}", sample(net, sched, x_T.shape, s, nfe, noise=x_T, clip_denoised=clip,
                                                      spacing=sp, batch_size=500))

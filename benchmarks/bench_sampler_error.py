@@ -90,7 +90,7 @@ def diffusers_sample(scheduler, model, x_T, steps):
 
 def our_start(sched, sampler, steps, spacing=None) -> int:
     "The code timestep `sample` starts from (the oracle is an ε-model)."
-    sp, smax = default_discretisation(sched, sampler, steps) if spacing is None else (spacing, SIGMA_MAX_EPS)
+    sp, smax, _ = default_discretisation(sched, sampler, steps) if spacing is None else (spacing, SIGMA_MAX_EPS, None)
     return int(space_timesteps(len(sched), steps, sp, sched.alphas_cumprod, sigma_max=smax)[-1])
 
 

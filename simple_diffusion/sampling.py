@@ -29,13 +29,13 @@ from simple_diffusion.parameterization import (
 from .schedules import NoiseSchedule
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
+__all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'ENDS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
            'LOWER_ORDER_FINAL', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING',
-           'BLEND_FROM', 'MIDPOINT_FROM', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps',
-           'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step',
-           'unipc_correct', 'final_step_x0', 'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning',
-           'run_sampler', 'default_discretisation', 'sample', 'ode_reference', 'discretisation_error',
-           'optimise_timesteps']
+           'BLEND_FROM', 'MIDPOINT_FROM', 'DEFAULT_END', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step',
+           'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step',
+           'unipc_step', 'unipc_correct', 'final_step_x0', 'dynamic_threshold', 'Denoiser', 'Trajectory',
+           'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample', 'ode_reference',
+           'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -57,6 +57,7 @@ SPACINGS = (
     "blend", "midpoint",
 )
 CAPPED_SPACINGS = SPACINGS[3:]  # the rules that start at σ/α <= sigma_max
+ENDS = ("zero", "t0")  # where the last step lands: σ = 0, or the schedule's own t = 0
 SIGMA_MAX = 80.0  # the largest σ/α the λ-based spacings visit (Karras et al. 2022, Sec. 5)
 SIGMA_MAX_EPS = 20.0  # ...for an ε-model: x̂_0 error = σ/α × ε error, Eq. (eq-sampling-eps-amp)
 
@@ -183,6 +184,7 @@ class SpacedSchedule(NoiseSchedule):
         self,
         schedule: NoiseSchedule,  # the model's schedule (or a SpacedSchedule)
         timesteps: torch.Tensor,  # [S] strictly increasing code timesteps to keep
+        end: str = "zero",  # where the last step lands, one of ENDS
     ):
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(
@@ -212,10 +214,16 @@ class SpacedSchedule(NoiseSchedule):
         self.timesteps = ts.long() if orig is None else orig[ts]
         self.parent = getattr(schedule, "parent", schedule)  # the model's own T-step schedule
         self.original_alphas_cumprod = schedule.alphas_cumprod.cpu()[ts]
+        # ᾱ the last step lands on, Eq. (eq-sampling-end): 1 (σ = 0), or ᾱ at code t = 0
+        self.end = check_choice(end, ENDS, "end")
+        a0 = float(self.parent.alphas_cumprod[0])
+        self.final_abar = a0 if end == "t0" and int(self.timesteps[0]) > 0 else 1.0
 
     def __repr__(self):
         ts = self.timesteps
-        return f"SpacedSchedule(S={self.num_timesteps}, timesteps={ts[0].item()}…{ts[-1].item()})"
+        tail = ", end='t0'" if self.end == "t0" else ""
+        span = f"{ts[0].item()}…{ts[-1].item()}"
+        return f"SpacedSchedule(S={self.num_timesteps}, timesteps={span}{tail})"
 
 
 def respace(
@@ -223,6 +231,7 @@ def respace(
     steps: int | None,  # S, the number of steps to keep (None: len(spacing) for a sequence)
     spacing="leading",  # one of SPACINGS, or the [S] ascending code timesteps to keep
     sigma_max: float = SIGMA_MAX,  # the largest σ/α of 'logsnr' and 'edm'
+    end: str = "zero",  # where the last step lands, one of ENDS
 ) -> SpacedSchedule:
     """The schedule of `steps` steps a sampler runs on, Eq. (eq-sampling-respace) (Nichol &
     Dhariwal 2021, Sec. 4); `spacing` names a rule or lists the code timesteps."""
@@ -237,7 +246,7 @@ def respace(
         schedule.alphas_cumprod,
         sigma_max=sigma_max,
     )
-    return SpacedSchedule(schedule, ts)
+    return SpacedSchedule(schedule, ts, end)
 
 # %% ../nbs/12_sampling.ipynb #9c65cdf4
 def ddim_sigma(abar: float, abar_prev: float, eta: float) -> float:
@@ -563,12 +572,16 @@ ORDERS = {"ddpm": (1,), "ddim": (1,), "dpmpp2m": (2,), "dpmpp3m": (3,), "unipc":
 DEFAULT_ORDER = {"ddpm": 1, "ddim": 1, "dpmpp2m": 2, "dpmpp3m": 3, "unipc": 2}
 
 
-def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FINAL_SIGMA):
+def _step(
+    sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FINAL_SIGMA, end_abar=1.0
+):
     """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
     oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order;
-    the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma."""
-    abar, abar_prev = ab[i], ab[i - 1] if i > 0 else 1.0
-    if i == 0 and sampler in MULTISTEP and hist and 0 < hist[-1][1] < abar < 1:
+    the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma;
+    the last step lands on ᾱ = end_abar, deterministically, Eq. (eq-sampling-end)."""
+    abar, abar_prev = ab[i], ab[i - 1] if i > 0 else end_abar
+    last = i == 0 and sampler in MULTISTEP and hist and end_abar == 1
+    if last and 0 < hist[-1][1] < abar < 1:
         x0_u, abar_u = hist[-1]  # Eq. (eq-sampling-final) where ς_2 <= final_sigma
         if (1 - abar_u) / abar_u <= final_sigma**2:
             return final_step_x0(x0, abar, x0_u, abar_u)
@@ -581,7 +594,7 @@ def _step(sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FIN
     if sampler == "ddpm":
         return ddpm_step(x, x0, *co, z)
     if sampler == "ddim":
-        return ddim_step(x, x0, eps, abar, abar_prev, eta, z)
+        return ddim_step(x, x0, eps, abar, abar_prev, eta if i > 0 else 0.0, z)
     if sampler == "dpmpp2m":
         return dpmpp2m_step(x, x0, abar, abar_prev, *(hist[-1] if hist else ()))
     flat = [v for pair in reversed(hist[-2:]) for v in pair]
@@ -614,6 +627,9 @@ def run_sampler(
     order = DEFAULT_ORDER[sampler] if order is None else order
     check_choice(order, ORDERS[check_choice(sampler, SAMPLERS, "sampler")], "order")
     final_sigma = check_number(final_sigma, "final_sigma", 0)
+    end_abar = getattr(spaced, "final_abar", 1.0)
+    if sampler == "ddpm" and end_abar < 1:
+        raise ValueError("end='t0' applies to the deterministic step rules, not sampler='ddpm'")
     bs = batch_size or N
     chunks = [slice(lo, lo + bs) for lo in range(0, N, bs)]
     kws = [
@@ -667,8 +683,9 @@ def run_sampler(
                     eta,
                     order,
                     final_sigma,
+                    end_abar,
                 )
-                if i == 0 and sampler in MULTISTEP:  # the last step, limited like any x̂_0
+                if i == 0 and (sampler in MULTISTEP or end_abar < 1):  # limited like any x̂_0
                     xs[k] = denoiser.limit(xs[k])
                 if sampler == "unipc":
                     p = min(order, len(hists[k]) + 1, 2 if i == 1 and S < LOWER_ORDER_FINAL else 3)
@@ -743,6 +760,7 @@ DEFAULT_SPACING = {  # measured best across the benchmark below
 }
 BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
 MIDPOINT_FROM = 20  # from this many steps on, DDIM defaults to 'midpoint'
+DEFAULT_END = {"ddim": "t0"}  # at η = 0; the others, and DDIM at η > 0: 'zero'
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 
@@ -751,12 +769,14 @@ def default_discretisation(
     sampler: str,  # one of SAMPLERS
     steps: int | None,  # S, or None: all the spacing allows
     prediction: str = "eps",  # the model's prediction type
-) -> tuple[str, float]:  # (spacing, sigma_max) that `sample` uses when spacing=None
+    eta: float = 0.0,  # DDIM's η: its default end is DEFAULT_END at η = 0 only
+) -> tuple[str, float, str]:  # (spacing, sigma_max, end) that `sample` uses by default
     """DEFAULT_SPACING[sampler] ('blend' for a multistep solver from BLEND_FROM steps,
     'midpoint' for DDIM from MIDPOINT_FROM);
     DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
     'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
-    an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise."""
+    an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise; end = DEFAULT_END[sampler] or
+    'zero', Eq. (eq-sampling-end)."""
     sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
     abar = schedule.alphas_cumprod
     allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
@@ -766,15 +786,16 @@ def default_discretisation(
         spacing = "blend"
     if sampler == "ddim" and (steps is None or ok and steps >= MIDPOINT_FROM):
         spacing = "midpoint"
+    end = DEFAULT_END.get(sampler, "zero") if eta == 0 else "zero"
     if spacing != "leading" and not (steps is None or ok and steps <= allowed):
-        return "leading", sigma_max
+        return "leading", sigma_max, end
     if spacing == "leading" and ok:
         ab_first = float(abar[(steps - 1) * (len(schedule) // steps)])
         ok = 1 / (1 + sigma_max**2) <= ab_first <= 0.05
     if not ok:
         lam_ok = steps is None or isinstance(steps, (int, np.integer)) and steps <= allowed
         spacing = "logsnr" if lam_ok else "leading"
-    return spacing, sigma_max
+    return spacing, sigma_max, end
 
 
 def _check_sample_args(
@@ -790,6 +811,7 @@ def _check_sample_args(
     model_kwargs,
     hook,
     prediction="eps",
+    end=None,
 ):
     """Validate what `Denoiser` does not; return the respaced schedule and the shape as a tuple.
     An ε-model's λ-based spacings stop at σ/α = SIGMA_MAX_EPS, Eq. (eq-sampling-eps-amp)."""
@@ -798,7 +820,14 @@ def _check_sample_args(
             f"schedule must be a NoiseSchedule, got {type(schedule).__name__}"
         )
     check_choice(sampler, SAMPLERS, "sampler")
-    default, sigma_max = default_discretisation(schedule, sampler, steps, prediction)
+    default, sigma_max, end_default = default_discretisation(
+        schedule, sampler, steps, prediction, eta
+    )
+    if end is None:  # an explicit spacing keeps its definition: it ends at σ = 0
+        end = end_default if spacing is None else "zero"
+    check_choice(end, ENDS, "end")
+    if sampler == "ddpm" and end == "t0":
+        raise ValueError("end='t0' applies to the deterministic step rules, not sampler='ddpm'")
     allowed = int((schedule.alphas_cumprod >= 1 / (1 + sigma_max**2)).sum())
     explicit = spacing is not None and not isinstance(spacing, str)  # the timesteps themselves
     spacing = default if spacing is None else spacing
@@ -829,7 +858,7 @@ def _check_sample_args(
         raise ValueError("hook must be callable or None")
     if steps is None and not explicit:
         steps = allowed if spacing in CAPPED_SPACINGS else len(schedule)
-    spaced = respace(schedule, steps, spacing, sigma_max)
+    spaced = respace(schedule, steps, spacing, sigma_max, end)
     return spaced, shape
 
 
@@ -911,6 +940,7 @@ def sample(
     y: torch.Tensor | None = None,  # [N] class labels of a class-conditional model
     guidance: float = 0.0,  # classifier-free guidance weight w >= 0 (with y); see chapter 30
     order: int | None = None,  # UniPC's predictor order (1, 2, 3); None: 2
+    end: str | None = None,  # last step lands on: one of ENDS; None: the default's, else 'zero'
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] (and the Trajectory)
     """Draw N samples: `Denoiser` + `respace` + `run_sampler` in one call, bit for bit,
     Eqs. (eq-sampling-ddpm)-(eq-sampling-dpmpp3m); with y (and guidance), class-conditional."""
@@ -925,7 +955,7 @@ def sample(
                              clip_denoised=clip_denoised, threshold=threshold, noise=noise,
                              generator=generator, batch_size=batch_size,
                              return_trajectory=return_trajectory, progress=progress,
-                             device=device, dtype=dtype, hook=hook,
+                             device=device, dtype=dtype, hook=hook, end=end,
                              **({} if order is None else {"order": order}))
     spaced, shape = _check_sample_args(
         schedule,
@@ -940,6 +970,7 @@ def sample(
         model_kwargs,
         hook,
         prediction,
+        end,
     )
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be a real floating dtype, one of {DTYPES}, got {dtype}")

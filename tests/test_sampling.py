@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from simple_diffusion.data import toy_mixture
+from simple_diffusion.data import GaussianMixture, toy_mixture
 from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
@@ -399,7 +399,7 @@ def test_multistep_last_step_follows_the_final_sigma_rule(sampler):
         else:
             assert torch.equal(x, tr.pred_x0[-1])
         assert (z2 <= FINAL_SIGMA) == (spacing == "blend")
-    x, tr = sample(ORACLE, SCHED, x_T.shape, "ddim", 20, spacing="blend", noise=x_T, return_trajectory=True)
+    x, tr = sample(ORACLE, SCHED, x_T.shape, "ddim", 20, spacing="blend", noise=x_T, return_trajectory=True, end="zero")
     assert torch.equal(x, tr.pred_x0[-1])
     clipped = sample(ORACLE, SCHED, x_T.shape, sampler, 20, noise=x_T, clip_denoised=True)
     assert float(clipped.abs().max()) <= 1.0
@@ -568,8 +568,8 @@ def test_sample_is_the_composed_path_bit_for_bit():
         a = sample(ORACLE, SCHED, (50, 2), sampler, 9, generator=torch.Generator().manual_seed(4), hook=hook, batch_size=20, **kw)
         g = torch.Generator().manual_seed(4)
         x_T = torch.randn(50, 2, generator=g)
-        b = run_sampler(Denoiser(ORACLE, SCHED), respace(SCHED, 9, *default_discretisation(SCHED, sampler, 9)), x_T, sampler, generator=g,
-                        hook=hook, batch_size=20, **kw)
+        disc = default_discretisation(SCHED, sampler, 9, eta=kw.get("eta", 0.0))
+        b = run_sampler(Denoiser(ORACLE, SCHED), respace(SCHED, 9, *disc), x_T, sampler, generator=g, hook=hook, batch_size=20, **kw)
         assert torch.equal(a, b), sampler
 
 
@@ -578,10 +578,15 @@ def test_hook_sees_every_step_and_can_change_x0():
     def hook(i, t, x, x0):
         seen.append((i, t, x.shape))
         return torch.zeros_like(x0)                                        # x̂_0 = 0: the ODE then shrinks x to 0
-    x = sample(ORACLE, SCHED, (10, 2), "ddim", 6, hook=hook, batch_size=4)
+    x = sample(ORACLE, SCHED, (10, 2), "ddim", 6, hook=hook, batch_size=4, end="zero")
     ts = respace(SCHED, 6, *default_discretisation(SCHED, "ddim", 6)).timesteps.flip(0).tolist()
     assert [t for _, t, _ in seen] == [t for t in ts for _ in range(3)]                  # 3 chunks per step
     assert [i for i, _, _ in seen][::3] == [5, 4, 3, 2, 1, 0] and torch.equal(x, torch.zeros_like(x))
+    # ending at t = 0 instead: each step keeps the ε̂ part, x_s = b_s ε̂ = (b_s / b_t) x_t, so x = (b_0 / b_top) x_T
+    x_T = torch.randn(10, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample(ORACLE, SCHED, x_T.shape, "ddim", 6, hook=hook, noise=x_T)
+    b = (1 - SCHED.alphas_cumprod).sqrt()
+    assert torch.allclose(x, float(b[0] / b[ts[0]]) * x_T, rtol=1e-10)
 
 
 def test_garbage_is_reported_and_defaults_avoid_it():
@@ -724,7 +729,9 @@ def test_shipped_models_are_sound_at_defaults(name):
     values outside the data range (digits: |x| > 1.5 on data in [-1, 1]; gmm8: radius > 3 on data at radius 2), none
     far outside, no warning; gmm8 also with every argument of sample() at its default. Measured at this commit
     (10 steps: DDIM on 'trailing-capped', which ends with one first-order step from t ≈ t_max/S to σ = 0, the
-    multistep solvers on 'blend'): gmm8 0 %, digits <= 0.3 % (largest |x| 2.4); the weaker class-conditional
+    multistep solvers on 'blend'): gmm8 0 % (DDIM, which ends at t = 0: 1 of 32, at radius 3.006, 2.979 when it
+    ends at σ = 0; from 256 samples every deterministic solver has 1.6 % there, up to radius 8.8, the model's
+    tail error), digits <= 0.3 % (largest |x| 2.4); the weaker class-conditional
     digits_cond 0.9 % (UniPC) to 2.1 % (3M), largest |x| 2.7, but 5.3 % for DDIM, largest |x| 3.6, hence its
     looser bounds (6 %, 4); DDPM 0 % on all three."""
     from simple_diffusion.pretrained import load
@@ -741,7 +748,7 @@ def test_shipped_models_are_sound_at_defaults(name):
             runs["all defaults"] = sample(model, sched, (256, 2), generator=torch.Generator().manual_seed(0))
     for s, x in runs.items():
         assert torch.isfinite(x).all(), s
-        assert out_of_range(x).float().mean() < (0.06 if name == "digits_cond" else 0.01), (name, s)
+        assert out_of_range(x).float().mean() < {"digits_cond": 0.06, "gmm8": 0.05}.get(name, 0.01), (name, s)
         assert (x.norm(dim=1).max() < 4) if name == "gmm8" else (x.abs().max() < (4 if name == "digits_cond" else 3)), (name, s)
 
 
@@ -781,7 +788,7 @@ def test_run_sampler_is_gradient_free_but_a_hook_may_differentiate():
 def test_explicit_timesteps_reproduce_the_named_spacing(sampler, spacing):
     "The timesteps a named (or the default) spacing visits, given as a list, a tensor or an array: bit for bit."
     S = 7
-    name, smax = default_discretisation(SCHED, sampler, S) if spacing is None else (spacing, 20.0)
+    name, smax, end = default_discretisation(SCHED, sampler, S) if spacing is None else (spacing, 20.0, "zero")
     ts = respace(SCHED, S, name, smax).timesteps
     if spacing == "trailing":
         ts = ts[:-1]                    # trailing ends at ᾱ ≈ 0 on the cosine schedule: an ε-model is refused there
@@ -793,9 +800,9 @@ def test_explicit_timesteps_reproduce_the_named_spacing(sampler, spacing):
     run = lambda **kw: sample(ORACLE, SCHED, (64, 2), sampler, S if "steps" not in kw else kw.pop("steps"), noise=x_T,
                               generator=torch.Generator().manual_seed(1), **kw)
     ref = run(**ref_kw)
-    for given in (ts, ts.tolist(), ts.numpy(), ts.int()):
-        assert torch.equal(run(spacing=given), ref)
-        assert torch.equal(run(spacing=given, steps=None), ref)             # steps = len(spacing)
+    for given in (ts, ts.tolist(), ts.numpy(), ts.int()):                  # with the default's end (DDIM: t = 0)
+        assert torch.equal(run(spacing=given, end=end), ref)
+        assert torch.equal(run(spacing=given, steps=None, end=end), ref)   # steps = len(spacing)
     assert torch.equal(respace(SCHED, None, ts.tolist()).alphas_cumprod, respace(SCHED, S, ts).alphas_cumprod)
     assert space_timesteps(1000, S, ts.tolist()).tolist() == ts.tolist()
 
@@ -954,3 +961,57 @@ def test_optimise_timesteps_several_starts_and_min_gap():
         ts = optimise_timesteps(ORACLE, SCHED, 5, "unipc", min_gap=gap, **kw)
         assert (-np.diff(lam[ts.numpy()])).min() >= gap * h_uniform - 1e-12
         assert ts[0] == 0 and ts[-1] == ts0[-1]
+
+
+def test_end_t0_lands_on_the_schedules_first_step():
+    """end='t0' (DDIM's default at η = 0): the last step goes to ᾱ of code t = 0, not to ᾱ = 1, with no extra
+    evaluation; replayed against the step formulas; where t = 0 is visited it changes nothing."""
+    x_T = torch.randn(100, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    a0 = float(SCHED.alphas_cumprod[0])
+    for sampler in ("ddim", "dpmpp2m"):
+        x, tr = sample(ORACLE, SCHED, x_T.shape, sampler, 8, spacing="trailing-capped", noise=x_T,
+                       return_trajectory=True, end="t0")
+        (t1, t2), (m1, m2) = tr.timesteps[-2:].flip(0).tolist(), (tr.pred_x0[-1], tr.pred_x0[-2])
+        a1, a2 = float(SCHED.alphas_cumprod[t1]), float(SCHED.alphas_cumprod[t2])
+        if sampler == "ddim":
+            want = ddim_step(tr.x[-2], m1, (tr.x[-2] - math.sqrt(a1) * m1) / math.sqrt(1 - a1), a1, a0)
+        else:
+            want = dpmpp2m_step(tr.x[-2], m1, a1, a0, m2, a2)
+        assert t1 > 0 and torch.allclose(x, want, atol=1e-12), sampler
+        assert not torch.allclose(x, sample(ORACLE, SCHED, x_T.shape, sampler, 8, spacing="trailing-capped",
+                                            noise=x_T, end="zero"), atol=1e-4)
+    assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T),
+                       sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T, end="t0"))
+    lead = dict(spacing="leading", noise=x_T)                                # visits t = 0: 't0' is 'zero'
+    assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, end="t0", **lead),
+                       sample(ORACLE, SCHED, x_T.shape, "ddim", 8, end="zero", **lead))
+    assert respace(SCHED, 8, "leading", end="t0").final_abar == 1.0 and respace(SCHED, 8, "trailing", end="t0").final_abar == a0
+    g = lambda: torch.Generator().manual_seed(1)                             # η > 0 keeps σ = 0, as DDPM does
+    assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, 0.5, noise=x_T, generator=g()),
+                       sample(ORACLE, SCHED, x_T.shape, "ddim", 8, 0.5, noise=x_T, generator=g(), end="zero"))
+    with pytest.raises(ValueError, match="end must be one of"):
+        sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T, end="sigma0")
+    with pytest.raises(ValueError, match="end='t0'.*ddpm"):
+        sample(ORACLE, SCHED, x_T.shape, "ddpm", 8, noise=x_T, end="t0")
+    with pytest.raises(ValueError, match="end='t0'.*ddpm"):
+        run_sampler(Denoiser(ORACLE, SCHED), respace(SCHED, 8, "trailing", end="t0"), x_T, "ddpm")
+
+
+def test_ddim_end_t0_keeps_a_narrow_component_wider_closed_form():
+    """One Gaussian N(0, s²), s = 0.05: in y = x/α every DDIM step is linear, y_s = (s² + ς_s ς_t)/(s² + ς_t²) y_t,
+    so the output is that product times y_top, exactly; the exact flow keeps the sd at s. The samples match the
+    product for both ends, and ending at t = 0 draws the component wider, nearer s."""
+    mix = GaussianMixture(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0.05], dtype=torch.float64))
+    oracle, s = GaussianMixtureOracle(mix, SCHED), 0.05
+    x_T = torch.randn(1000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ab = SCHED.alphas_cumprod
+    sd = {}
+    for end in ("zero", "t0"):
+        x, tr = sample(oracle, SCHED, x_T.shape, "ddim", 10, noise=x_T, return_trajectory=True, end=end)
+        ts = tr.timesteps.tolist()
+        vs = [float(((1 - ab[t]) / ab[t]).sqrt()) for t in ts] + [float(((1 - ab[0]) / ab[0]).sqrt()) if end == "t0" else 0.0]
+        f = math.prod((s**2 + vs[k + 1] * vs[k]) / (s**2 + vs[k] ** 2) for k in range(len(ts)))
+        want = f * x_T / math.sqrt(float(ab[ts[0]])) * (math.sqrt(float(ab[0])) if end == "t0" else 1.0)
+        assert torch.allclose(x, want, rtol=1e-9, atol=1e-12), end
+        sd[end] = float(x.std())
+    assert sd["zero"] < sd["t0"] < s
