@@ -25,6 +25,8 @@ summary prints the ratios both of the raw metric and of the excess over the pair
 
     python benchmarks/bench_sampler_error.py [--n 4000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
     python benchmarks/bench_sampler_error.py --mmd-widths --n 2000 --seeds 2 --out FILE
+    python benchmarks/bench_sampler_error.py --ends --n 1000 --seeds 2 --projections 200 --out FILE
+        (every deterministic sampler on its default spacing ending at σ = 0 and at code t = 0)
         (why MMD² ranks solvers differently: it against a closed form from each component's measured width)
     in parallel: one process per --mixtures M (--out part_M.json), then --merge part_*.json --out FILE
     FULL: --n 8000 --seeds 5 --projections 1000
@@ -44,7 +46,7 @@ import torch
 from simple_diffusion.data import GaussianMixture, toy_mixture
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.oracle import GaussianMixtureOracle
-from simple_diffusion.sampling import (SAMPLERS, SIGMA_MAX_EPS, SPACINGS, default_discretisation, ode_reference,
+from simple_diffusion.sampling import (ENDS, SAMPLERS, SIGMA_MAX_EPS, SPACINGS, default_discretisation, ode_reference,
                                        sample, space_timesteps)
 from simple_diffusion.schedules import NoiseSchedule
 
@@ -223,6 +225,8 @@ def run(args) -> dict:
     if args.spacings is not None:
         ours.update({f"ours {s} {sp}": dict(sampler=s, spacing=sp) for s in SAMPLERS if s != "ddpm"
                      for sp in (args.spacings or SPACINGS)})
+    if args.ends:                                                  # the default discretisation, either end
+        ours.update({f"ours {s} end={e}": dict(sampler=s, end=e) for s in SAMPLERS if s != "ddpm" for e in ENDS})
     t0 = time.perf_counter()
     for mname, mix in mixtures(args.heldout).items():
         if args.mixtures and mname not in args.mixtures: continue
@@ -325,6 +329,26 @@ def rule_ratios(out, metric, nfe, spacing=None, excess=False):
     return best, worst
 
 
+def summarise_ends(out) -> str:
+    """Per sampler, NFE and metric, over every cell: the geometric mean and the worst of the error ending at
+    code t = 0 over the error ending at σ = 0 (both on the default spacing), and on how many cells t = 0 wins."""
+    lines = ["ends (--ends): error with end='t0' over end='zero', geometric mean [worst] and cells where t0 wins"]
+    for metric in out["metrics"]:
+        for nfe in out["nfe"]:
+            row = []
+            for s in SAMPLERS[1:]:
+                r = []
+                for key in out["results"]:
+                    e = errors(out, key, metric)
+                    mean = lambda name: float(np.mean(e[name][str(nfe)]))
+                    if f"ours {s} end=t0" in e: r.append(mean(f"ours {s} end=t0") / mean(f"ours {s} end=zero"))
+                if r:
+                    g = float(np.exp(np.mean(np.log(np.maximum(r, 1e-12)))))
+                    row.append(f"{s} {g:.2f} [{max(r):.2f}] {sum(x < 1 for x in r)}/{len(r)}")
+            lines.append(f"{metric:6s} NFE {nfe:3d}: " + "; ".join(row))
+    return "\n".join(lines)
+
+
 def summarise_rules(out, metric="rms", excess=False) -> str:
     "Per NFE and spacing: on how many cells our best is <= 0.8x diffusers' best, and the worst pairwise ratios."
     spacings = sorted({n.split()[2] for r in out["results"].values() for n in r
@@ -386,6 +410,8 @@ def main():
     p.add_argument("--spacings", nargs="*", default=None,
                    help="also run every deterministic sampler with these spacings (none named: all of them)")
     p.add_argument("--heldout", action="store_true", help="the held-out mixtures (wide, 4-D, 16-D) instead")
+    p.add_argument("--ends", action="store_true",
+                   help="also every deterministic sampler on its default spacing with end='zero' and end='t0'")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
@@ -409,6 +435,7 @@ def main():
         out["date"] = min(part["date"] for part in parts)
         for metric in out["metrics"]: print(summarise(out, metric))
         print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
+        print(summarise_ends(out))
         if args.out:
             with open(args.out, "w") as f: json.dump(out, f, indent=1)
         return
@@ -420,6 +447,7 @@ def main():
     out = run(args)
     for metric in out["metrics"]: print(summarise(out, metric))
     if args.spacings is not None: print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
+    if args.ends: print(summarise_ends(out))
     if args.out:
         with open(args.out, "w") as f: json.dump(out, f, indent=1)
 
