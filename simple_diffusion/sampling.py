@@ -628,7 +628,7 @@ def run_sampler(
     check_choice(order, ORDERS[check_choice(sampler, SAMPLERS, "sampler")], "order")
     final_sigma = check_number(final_sigma, "final_sigma", 0)
     end_abar = getattr(spaced, "final_abar", 1.0)
-    if sampler == "ddpm" and end_abar < 1:
+    if sampler == "ddpm" and getattr(spaced, "end", "zero") == "t0":
         raise ValueError("end='t0' applies to the deterministic step rules, not sampler='ddpm'")
     bs = batch_size or N
     chunks = [slice(lo, lo + bs) for lo in range(0, N, bs)]
@@ -825,9 +825,7 @@ def _check_sample_args(
     )
     if end is None:  # an explicit spacing keeps its definition: it ends at σ = 0
         end = end_default if spacing is None else "zero"
-    check_choice(end, ENDS, "end")
-    if sampler == "ddpm" and end == "t0":
-        raise ValueError("end='t0' applies to the deterministic step rules, not sampler='ddpm'")
+    check_choice(end, ENDS, "end")  # DDPM with 't0' is refused by run_sampler
     allowed = int((schedule.alphas_cumprod >= 1 / (1 + sigma_max**2)).sum())
     explicit = spacing is not None and not isinstance(spacing, str)  # the timesteps themselves
     spacing = default if spacing is None else spacing
