@@ -760,7 +760,7 @@ DEFAULT_SPACING = {  # measured best across the benchmark below
 }
 BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
 MIDPOINT_FROM = 20  # from this many steps on, DDIM defaults to 'midpoint'
-DEFAULT_END = {"ddim": "t0"}  # at η = 0; the others, and DDIM at η > 0: 'zero'
+DEFAULT_END = dict.fromkeys(("ddim", *MULTISTEP), "t0")  # at η = 0, off 'blend'; else 'zero'
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 
@@ -769,13 +769,14 @@ def default_discretisation(
     sampler: str,  # one of SAMPLERS
     steps: int | None,  # S, or None: all the spacing allows
     prediction: str = "eps",  # the model's prediction type
-    eta: float = 0.0,  # DDIM's η: its default end is DEFAULT_END at η = 0 only
+    eta: float = 0.0,  # DDIM's η: the default end is DEFAULT_END at η = 0 only
 ) -> tuple[str, float, str]:  # (spacing, sigma_max, end) that `sample` uses by default
     """DEFAULT_SPACING[sampler] ('blend' for a multistep solver from BLEND_FROM steps,
     'midpoint' for DDIM from MIDPOINT_FROM);
     DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
     'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
-    an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise; end = DEFAULT_END[sampler] or
+    an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise; end = DEFAULT_END[sampler] at
+    η = 0 except on 'blend' (whose last step is second order, Eq. (eq-sampling-final)), else
     'zero', Eq. (eq-sampling-end)."""
     sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
     abar = schedule.alphas_cumprod
@@ -786,7 +787,7 @@ def default_discretisation(
         spacing = "blend"
     if sampler == "ddim" and (steps is None or ok and steps >= MIDPOINT_FROM):
         spacing = "midpoint"
-    end = DEFAULT_END.get(sampler, "zero") if eta == 0 else "zero"
+    end = DEFAULT_END.get(sampler, "zero") if eta == 0 and spacing != "blend" else "zero"
     if spacing != "leading" and not (steps is None or ok and steps <= allowed):
         return "leading", sigma_max, end
     if spacing == "leading" and ok:

@@ -12,7 +12,7 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
+from simple_diffusion.sampling import (BLEND_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
                                        unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
@@ -964,7 +964,7 @@ def test_optimise_timesteps_several_starts_and_min_gap():
 
 
 def test_end_t0_lands_on_the_schedules_first_step():
-    """end='t0' (DDIM's default at η = 0): the last step goes to ᾱ of code t = 0, not to ᾱ = 1, with no extra
+    """end='t0' (DDIM's default at η = 0, the multistep solvers' below BLEND_FROM): the last step goes to ᾱ of code t = 0, not to ᾱ = 1, with no extra
     evaluation; replayed against the step formulas; where t = 0 is visited it changes nothing."""
     x_T = torch.randn(100, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     a0 = float(SCHED.alphas_cumprod[0])
@@ -982,6 +982,14 @@ def test_end_t0_lands_on_the_schedules_first_step():
                                             noise=x_T, end="zero"), atol=1e-4)
     assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T),
                        sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T, end="t0"))
+    for sampler in MULTISTEP:                              # their default: t = 0 below BLEND_FROM, σ = 0 on 'blend'
+        for S, end, a_end in ((BLEND_FROM - 1, "t0", a0), (BLEND_FROM, "zero", 1.0)):
+            disc = default_discretisation(SCHED, sampler, S)
+            assert disc[2] == end and respace(SCHED, S, *disc).final_abar == a_end, (sampler, S)
+            assert torch.equal(sample(ORACLE, SCHED, x_T.shape, sampler, S, noise=x_T),
+                               sample(ORACLE, SCHED, x_T.shape, sampler, S, noise=x_T, end=end))
+        assert not torch.equal(sample(ORACLE, SCHED, x_T.shape, sampler, 5, noise=x_T),
+                               sample(ORACLE, SCHED, x_T.shape, sampler, 5, noise=x_T, end="zero"))
     lead = dict(spacing="leading", noise=x_T)                                # visits t = 0: 't0' is 'zero'
     assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, end="t0", **lead),
                        sample(ORACLE, SCHED, x_T.shape, "ddim", 8, end="zero", **lead))
