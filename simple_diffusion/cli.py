@@ -21,7 +21,7 @@ from .core import make_grid
 from .parameterization import PREDICTIONS
 from .guidance import guided_sample
 from .inverse import METHODS, image_task, inpaint, super_resolve
-from .sampling import SAMPLERS, SPACINGS, SamplingWarning, sample
+from .sampling import ENDS, SAMPLERS, SPACINGS, SamplingWarning, sample
 from .schedules import SCHEDULES, NoiseSchedule
 from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
                                        check_state, ema_start_weight, ema_warmed_up,
@@ -49,7 +49,11 @@ def _add_model_options(p, n_default: int, models: str):
     src.add_argument("--pretrained", help=f"a model shipped with the package: {models}")
     p.add_argument("--sampler", default="ddim", choices=SAMPLERS, help="the solver (default: ddim)")
     p.add_argument("--spacing", default=None, choices=SPACINGS,
-                   help="which timesteps (default: the sampler's own, log-SNR uniform)")
+                   help="which timesteps (default: the sampler's own, chapter 12's "
+                        "default_discretisation)")
+    p.add_argument("--end", default=None, choices=ENDS,
+                   help="where the last step lands: zero (sigma = 0) or t0 (code t = 0) "
+                        "(default: the sampler's own)")
     options = (
         ("--steps", int, 50, "network evaluations"),
         ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
@@ -135,7 +139,7 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
     on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
-    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, end=args.end,
               prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
               batch_size=args.batch_size, progress=not args.quiet and rank == 0)
     mine = {}

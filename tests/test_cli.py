@@ -245,3 +245,23 @@ def test_sample_under_torchrun_equals_one_process(tmp_path):
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert a.shape == (2500, 2) and np.array_equal(a, b)
     assert not np.array_equal(a[:500], a[1000:1500])            # the shards are different draws
+
+
+def test_end_option_reaches_the_sampler(tmp_path):
+    "--end: the default is the sampler's own (DDIM below 20 steps: t0); --end zero is sample(..., end='zero')."
+    from simple_diffusion import pretrained
+    from simple_diffusion.cli import _shard_seed
+    from simple_diffusion.sampling import sample
+    got = {}
+    for end in (None, "t0", "zero"):
+        p = tmp_path / f"{end}.npy"
+        assert main(["sample", "--pretrained", "gmm8", "--steps", "5", "--n", "16", "--device", "cpu", "--quiet",
+                     "--npy", str(p), "--out", str(tmp_path / f"{end}.png"), *([] if end is None else ["--end", end])]) == 0
+        got[end] = np.load(p)
+    assert np.array_equal(got[None], got["t0"]) and not np.allclose(got["t0"], got["zero"], atol=1e-3)
+    net, sched, cfg = pretrained.load("gmm8", device="cpu")
+    want = sample(net, sched, (16, 2), "ddim", 5, prediction=cfg.prediction, end="zero",
+                  generator=torch.Generator().manual_seed(_shard_seed(0, 0)))
+    assert np.allclose(got["zero"], want.numpy(), atol=1e-6)
+    with pytest.raises(SystemExit):                                      # argparse: not one of ENDS
+        main(["sample", "--pretrained", "gmm8", "--steps", "5", "--end", "sigma0", "--npy", str(tmp_path / "x.npy")])
