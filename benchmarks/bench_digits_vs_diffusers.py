@@ -6,7 +6,9 @@ training digits; samples clamped to [-1, 1] as `evaluate_samples` does) of
 
 - ours with every argument of `sample` at its default ("ours"), with `clip_denoised=True`, the setting
   chapters 13 and 20 use for this model ("ours, clipped"), and clipped on diffusers' DDIM steps,
-  `spacing="leading"` ("ours, clipped, leading": from t = T - T/S down to t = 0);
+  `spacing="leading"` ("ours, clipped, leading": from t = T - T/S down to t = 0), and clipped on the default
+  spacing with the last step ending at σ = 0, `end="zero"` ("ours, clipped, end zero": where the default ends at
+  code t = 0, below 20 steps for DDIM and 10 for the multistep solvers, the former default);
 - diffusers' DDIMScheduler, DPMSolverMultistepScheduler (2M, 3M), UniPCMultistepScheduler and
   DEISMultistepScheduler at their defaults (DDIM's default clips x̂_0 to [-1, 1]; the others do not clip),
   given the model's own betas, and the multistep ones also with timestep_spacing="leading" (", leading"):
@@ -16,7 +18,7 @@ all from the same x_T, paired over --seeds seeds of --n samples. Also the share 
 the clamp (a run that went numerically wrong shows there first).
 
     python benchmarks/bench_digits_vs_diffusers.py [--n 1000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
-    in parts: [--ours default clipped clipped-leading] [--samplers ddim ...] [--no-diffusers] --out PART.json,
+    in parts: [--ours default clipped clipped-leading clipped-zero] [--samplers ddim ...] [--no-diffusers] --out PART.json,
     then --merge PART.json ... --out FILE (the same --n, --seeds and --nfe in every part; a later part's
     keys replace an earlier one's)
 """
@@ -37,8 +39,9 @@ from simple_diffusion.metrics import evaluate_samples, load_digits_classifier
 from simple_diffusion.sampling import SamplingWarning, sample
 
 OURS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc")
-VARIANTS = {"default": ("ours", False, None), "clipped": ("ours, clipped", True, None),
-            "clipped-leading": ("ours, clipped, leading", True, "leading")}  # label, clip_denoised, spacing
+VARIANTS = {"default": ("ours", False, None, None), "clipped": ("ours, clipped", True, None, None),
+            "clipped-leading": ("ours, clipped, leading", True, "leading", None),
+            "clipped-zero": ("ours, clipped, end zero", True, None, "zero")}  # label, clip_denoised, spacing, end
 COUNTERPART = {"ddim": "ddim", "dpmpp2m": "dpm++2m", "dpmpp3m": "dpm++3m", "unipc": "unipc"}
 
 
@@ -119,9 +122,9 @@ def main():
         x_T = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
         for nfe in args.nfe:
             for s in args.samplers:
-                for tag, clip, sp in (VARIANTS[v] for v in args.ours):
+                for tag, clip, sp, end in (VARIANTS[v] for v in args.ours):
                     score(f"{tag} {s} {nfe}", sample(net, sched, x_T.shape, s, nfe, noise=x_T, clip_denoised=clip,
-                                                     spacing=sp, batch_size=500))
+                                                     spacing=sp, end=end, batch_size=500))
             for name, make in theirs.items():
                 score(f"diffusers {name} {nfe}", diffusers_run(make(), net, x_T, nfe))
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)

@@ -435,7 +435,7 @@ def main():
         out["date"] = min(part["date"] for part in parts)
         for metric in out["metrics"]: print(summarise(out, metric))
         print(summarise_rules(out, "rms"), summarise_rules(out, "med"), summarise_rules(out, "sw1", excess=True))
-        print(summarise_ends(out))
+        if any("end=" in n for r in out["results"].values() for n in r): print(summarise_ends(out))
         if args.out:
             with open(args.out, "w") as f: json.dump(out, f, indent=1)
         return
