@@ -139,8 +139,9 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
     on = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
     variance = "learned_range" if cfg.loss == "hybrid" else "fixed_small"
-    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, end=args.end,
-              prediction=cfg.prediction, variance=variance, clip_denoised=clip_denoised,
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+              end=args.end, prediction=cfg.prediction, variance=variance,
+              clip_denoised=clip_denoised,
               batch_size=args.batch_size, progress=not args.quiet and rank == 0)
     mine = {}
     for k, lo in enumerate(range(0, args.n, SHARD)):
