@@ -30,12 +30,12 @@ from .schedules import NoiseSchedule
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'ENDS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
-           'LOWER_ORDER_FINAL', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER', 'DEFAULT_SPACING',
-           'BLEND_FROM', 'MIDPOINT_FROM', 'DEFAULT_END', 'DTYPES', 'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step',
-           'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step',
-           'unipc_step', 'unipc_correct', 'final_step_x0', 'dynamic_threshold', 'Denoiser', 'Trajectory',
-           'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample', 'ode_reference',
-           'discretisation_error', 'optimise_timesteps']
+           'LOWER_ORDER_FINAL', 'TAIL_ORDER2_FROM', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER',
+           'DEFAULT_SPACING', 'BLEND_FROM', 'MIDPOINT_FROM', 'ZERO_END_FROM', 'DEFAULT_END', 'DTYPES', 'ODE_SAMPLERS',
+           'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step',
+           'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'final_step_x0', 'dynamic_threshold',
+           'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample',
+           'ode_reference', 'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -349,6 +349,7 @@ def dpmpp3m_step(
 # %% ../nbs/12_sampling.ipynb #c810f366
 UNIPC_ORDERS = (1, 2, 3)  # the predictor orders p of `unipc_step`; with the corrector, order p + 1
 LOWER_ORDER_FINAL = 15  # below this many steps the last two steps drop to orders 1, 2 (Lu et al.)
+TAIL_ORDER2_FROM = 10  # from this many steps on, 3M's last three steps are at most second order
 
 
 def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
@@ -576,7 +577,8 @@ def _step(
     sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FINAL_SIGMA, end_abar=1.0
 ):
     """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
-    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order;
+    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order,
+    and from TAIL_ORDER2_FROM steps on 3M's last three steps are;
     the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma;
     the last step lands on ᾱ = end_abar, deterministically, Eq. (eq-sampling-end)."""
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else end_abar
@@ -589,7 +591,7 @@ def _step(
     if sampler == "unipc":
         p = min(order, len(hist) + 1, 2 if final2 else 3)
         return unipc_step(x, x0, abar, abar_prev, hist[::-1][: p - 1], p)
-    if sampler == "dpmpp3m" and final2:
+    if sampler == "dpmpp3m" and (final2 or i <= 2 and len(ab) >= TAIL_ORDER2_FROM):
         sampler = "dpmpp2m"
     if sampler == "ddpm":
         return ddpm_step(x, x0, *co, z)
@@ -760,7 +762,8 @@ DEFAULT_SPACING = {  # measured best across the benchmark below
 }
 BLEND_FROM = 10  # from this many steps on, the multistep solvers default to 'blend'
 MIDPOINT_FROM = 20  # from this many steps on, DDIM defaults to 'midpoint'
-DEFAULT_END = dict.fromkeys(("ddim", *MULTISTEP), "t0")  # at η = 0, off 'blend'; else 'zero'
+ZERO_END_FROM = 20  # from this many steps on, the multistep solvers' default ends at σ = 0
+DEFAULT_END = dict.fromkeys(("ddim", *MULTISTEP), "t0")  # at η = 0, see default_discretisation
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what `dtype` may be
 
 
@@ -776,8 +779,8 @@ def default_discretisation(
     DDPM's 'leading' where its first step is sound (ᾱ <= 0.05 and σ/α <= sigma_max), else
     'logsnr'; for more steps than the capped rules hold, 'leading'. sigma_max = SIGMA_MAX_EPS for
     an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise; end = DEFAULT_END[sampler] at
-    η = 0 except on 'blend' (whose last step is second order, Eq. (eq-sampling-final)), else
-    'zero', Eq. (eq-sampling-end)."""
+    η = 0 (for a multistep solver below ZERO_END_FROM steps only: from there on its last step to
+    σ = 0 is second order, Eq. (eq-sampling-final)), else 'zero', Eq. (eq-sampling-end)."""
     sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
     abar = schedule.alphas_cumprod
     allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
@@ -787,7 +790,8 @@ def default_discretisation(
         spacing = "blend"
     if sampler == "ddim" and (steps is None or ok and steps >= MIDPOINT_FROM):
         spacing = "midpoint"
-    end = DEFAULT_END.get(sampler, "zero") if eta == 0 and spacing != "blend" else "zero"
+    short = ok and steps < ZERO_END_FROM or sampler not in MULTISTEP
+    end = DEFAULT_END.get(sampler, "zero") if eta == 0 and short else "zero"
     if spacing != "leading" and not (steps is None or ok and steps <= allowed):
         return "leading", sigma_max, end
     if spacing == "leading" and ok:

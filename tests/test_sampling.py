@@ -12,7 +12,7 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (BLEND_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
+from simple_diffusion.sampling import (BLEND_FROM, TAIL_ORDER2_FROM, ZERO_END_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
                                        unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
@@ -964,7 +964,7 @@ def test_optimise_timesteps_several_starts_and_min_gap():
 
 
 def test_end_t0_lands_on_the_schedules_first_step():
-    """end='t0' (DDIM's default at η = 0, the multistep solvers' below BLEND_FROM): the last step goes to ᾱ of code t = 0, not to ᾱ = 1, with no extra
+    """end='t0' (DDIM's default at η = 0, the multistep solvers' below ZERO_END_FROM): the last step goes to ᾱ of code t = 0, not to ᾱ = 1, with no extra
     evaluation; replayed against the step formulas; where t = 0 is visited it changes nothing."""
     x_T = torch.randn(100, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     a0 = float(SCHED.alphas_cumprod[0])
@@ -982,10 +982,13 @@ def test_end_t0_lands_on_the_schedules_first_step():
                                             noise=x_T, end="zero"), atol=1e-4)
     assert torch.equal(sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T),
                        sample(ORACLE, SCHED, x_T.shape, "ddim", 8, noise=x_T, end="t0"))
-    for sampler in MULTISTEP:                              # their default: t = 0 below BLEND_FROM, σ = 0 on 'blend'
-        for S, end, a_end in ((BLEND_FROM - 1, "t0", a0), (BLEND_FROM, "zero", 1.0)):
+    for sampler in MULTISTEP:                              # their default: t = 0 below ZERO_END_FROM, then σ = 0
+        cases = ((BLEND_FROM - 1, "trailing-capped", "t0", a0), (BLEND_FROM, "blend", "t0", a0),
+                 (ZERO_END_FROM - 1, "blend", "t0", a0), (ZERO_END_FROM, "blend", "zero", 1.0))
+        for S, spacing, end, a_end in cases:
             disc = default_discretisation(SCHED, sampler, S)
-            assert disc[2] == end and respace(SCHED, S, *disc).final_abar == a_end, (sampler, S)
+            assert disc[0] == spacing and disc[2] == end, (sampler, S, disc)
+            assert respace(SCHED, S, *disc).final_abar == a_end, (sampler, S)
             assert torch.equal(sample(ORACLE, SCHED, x_T.shape, sampler, S, noise=x_T),
                                sample(ORACLE, SCHED, x_T.shape, sampler, S, noise=x_T, end=end))
         assert not torch.equal(sample(ORACLE, SCHED, x_T.shape, sampler, 5, noise=x_T),
@@ -1003,6 +1006,26 @@ def test_end_t0_lands_on_the_schedules_first_step():
         sample(ORACLE, SCHED, x_T.shape, "ddpm", 8, noise=x_T, end="t0")
     with pytest.raises(ValueError, match="end='t0'.*ddpm"):
         run_sampler(Denoiser(ORACLE, SCHED), respace(SCHED, 8, "trailing", end="t0"), x_T, "ddpm")
+
+
+def test_dpmpp3m_tail_is_second_order_from_tail_order2_from():
+    """From TAIL_ORDER2_FROM steps on, 3M's last three steps are dpmpp2m_step (replayed from the trajectory), the
+    step before them third order; below it, the third-to-last step is still third order (and the two rules differ)."""
+    x_T = torch.randn(200, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    ab, a0 = SCHED.alphas_cumprod, float(SCHED.alphas_cumprod[0])
+    for S in (TAIL_ORDER2_FROM - 1, TAIL_ORDER2_FROM, 20):
+        x, tr = sample(ORACLE, SCHED, x_T.shape, "dpmpp3m", S, noise=x_T, return_trajectory=True)
+        a = [float(ab[t]) for t in tr.timesteps] + [a0 if S < ZERO_END_FROM else 1.0]
+
+        def replay(k, third):
+            args = (tr.x[k], tr.pred_x0[k], a[k], a[k + 1], tr.pred_x0[k - 1], a[k - 1])
+            return dpmpp3m_step(*args, tr.pred_x0[k - 2], a[k - 2]) if third else dpmpp2m_step(*args)
+        tail = S >= TAIL_ORDER2_FROM
+        for k, third in ((S - 4, True), (S - 3, not tail), (S - 2, False)):
+            assert torch.allclose(tr.x[k + 1], replay(k, third), atol=1e-12), (S, k)
+        assert not torch.allclose(replay(S - 3, True), replay(S - 3, False), atol=1e-6), S
+        if tail and S < ZERO_END_FROM:                                       # the last step, to t = 0
+            assert torch.allclose(x, replay(S - 1, False), atol=1e-12), S
 
 
 def test_ddim_end_t0_keeps_a_narrow_component_wider_closed_form():
