@@ -27,6 +27,8 @@ summary prints the ratios both of the raw metric and of the excess over the pair
     python benchmarks/bench_sampler_error.py --mmd-widths --n 2000 --seeds 2 --out FILE
     python benchmarks/bench_sampler_error.py --ends --n 1000 --seeds 2 --projections 200 --out FILE
         (every deterministic sampler on its default spacing ending at σ = 0 and at code t = 0)
+    python benchmarks/bench_sampler_error.py --tail --n 1000 --seeds 2 --projections 200 --out FILE
+        (3M at its default, and with its last three steps at up to third order: TAIL_ORDER2_FROM out of reach)
         (why MMD² ranks solvers differently: it against a closed form from each component's measured width)
     in parallel: one process per --mixtures M (--out part_M.json), then --merge part_*.json --out FILE
     FULL: --n 8000 --seeds 5 --projections 1000
@@ -49,6 +51,7 @@ from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.sampling import (ENDS, SAMPLERS, SIGMA_MAX_EPS, SPACINGS, default_discretisation, ode_reference,
                                        sample, space_timesteps)
 from simple_diffusion.schedules import NoiseSchedule
+import simple_diffusion.sampling as sampling
 
 
 def mixtures(heldout=False) -> dict:
@@ -215,6 +218,18 @@ def summarise_mmd_widths(out) -> str:
     return "\n".join(lines)
 
 
+def ours_sample(oracle, sched, x_T, nfe, seed, kw):
+    """`sample` at these settings; kw tail3=True: 3M's last three steps at up to third order, as before
+    TAIL_ORDER2_FROM (the module constant set out of reach for this one call)."""
+    kw, saved = dict(kw), sampling.TAIL_ORDER2_FROM
+    if kw.pop("tail3", False):
+        sampling.TAIL_ORDER2_FROM = math.inf
+    try:
+        return sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T, generator=torch.Generator().manual_seed(seed), **kw)
+    finally:
+        sampling.TAIL_ORDER2_FROM = saved
+
+
 def run(args) -> dict:
     torch.set_num_threads(1)
     out = {"command": "python " + " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -225,6 +240,8 @@ def run(args) -> dict:
     if args.spacings is not None:
         ours.update({f"ours {s} {sp}": dict(sampler=s, spacing=sp) for s in SAMPLERS if s != "ddpm"
                      for sp in (args.spacings or SPACINGS)})
+    if args.tail:                                      # 3M at its default, with and without TAIL_ORDER2_FROM
+        ours = {"ours dpmpp3m": dict(sampler="dpmpp3m"), "ours dpmpp3m tail=3": dict(sampler="dpmpp3m", tail3=True)}
     if args.ends:                                                  # the default discretisation, either end
         ours.update({f"ours {s} end={e}": dict(sampler=s, end=e) for s in SAMPLERS if s != "ddpm" for e in ENDS})
     t0 = time.perf_counter()
@@ -235,6 +252,8 @@ def run(args) -> dict:
             sched = NoiseSchedule.from_name(sname, 1000)
             oracle = GaussianMixtureOracle(mix, sched)
             theirs = diffusers_solvers(sched.betas.numpy()) if not args.no_diffusers else {}
+            if args.tail:
+                theirs = {k: v for k, v in theirs.items() if k == "dpm++3m"}
             key = f"{mname}/{sname}"
             g = torch.Generator().manual_seed(123)
             floors = []
@@ -258,8 +277,7 @@ def run(args) -> dict:
             for nfe in args.nfe:
                 for seed in range(args.seeds):
                     x_T = x_Ts[seed]
-                    runs = {name: (lambda kw=kw: (sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T,
-                                                         generator=torch.Generator().manual_seed(seed), **kw),
+                    runs = {name: (lambda kw=kw: (ours_sample(oracle, sched, x_T, nfe, seed, kw),
                                                   our_start(sched, kw["sampler"], nfe, kw.get("spacing"))))
                             for name, kw in ours.items()}
                     runs.update({f"diffusers {n}": (lambda m=m: (diffusers_sample(s := m(), oracle, x_T, nfe),
@@ -412,6 +430,8 @@ def main():
     p.add_argument("--heldout", action="store_true", help="the held-out mixtures (wide, 4-D, 16-D) instead")
     p.add_argument("--ends", action="store_true",
                    help="also every deterministic sampler on its default spacing with end='zero' and end='t0'")
+    p.add_argument("--tail", action="store_true",
+                   help="only 3M at its default, with and without TAIL_ORDER2_FROM (rows 'tail=3'), and diffusers' 3M")
     p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--summarise", default=None, help="only print the tables of an existing results file")
