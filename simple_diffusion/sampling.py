@@ -349,7 +349,7 @@ def dpmpp3m_step(
 # %% ../nbs/12_sampling.ipynb #c810f366
 UNIPC_ORDERS = (1, 2, 3)  # the predictor orders p of `unipc_step`; with the corrector, order p + 1
 LOWER_ORDER_FINAL = 15  # below this many steps the last two steps drop to orders 1, 2 (Lu et al.)
-TAIL_ORDER2_FROM = 10  # from this many steps on, 3M's last three steps are at most second order
+TAIL_ORDER2_FROM = 10  # ...and from this many on, 3M's last three steps are at most second order
 
 
 def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
@@ -578,7 +578,7 @@ def _step(
 ):
     """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
     oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order,
-    and from TAIL_ORDER2_FROM steps on 3M's last three steps are;
+    and from TAIL_ORDER2_FROM steps 3M's last three steps are;
     the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma;
     the last step lands on ᾱ = end_abar, deterministically, Eq. (eq-sampling-end)."""
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else end_abar
@@ -591,7 +591,8 @@ def _step(
     if sampler == "unipc":
         p = min(order, len(hist) + 1, 2 if final2 else 3)
         return unipc_step(x, x0, abar, abar_prev, hist[::-1][: p - 1], p)
-    if sampler == "dpmpp3m" and (final2 or i <= 2 and len(ab) >= TAIL_ORDER2_FROM):
+    tail = i <= 2 and TAIL_ORDER2_FROM <= len(ab) < LOWER_ORDER_FINAL
+    if sampler == "dpmpp3m" and (final2 or tail):
         sampler = "dpmpp2m"
     if sampler == "ddpm":
         return ddpm_step(x, x0, *co, z)

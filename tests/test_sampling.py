@@ -12,7 +12,7 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (BLEND_FROM, TAIL_ORDER2_FROM, ZERO_END_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
+from simple_diffusion.sampling import (BLEND_FROM, LOWER_ORDER_FINAL, TAIL_ORDER2_FROM, ZERO_END_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
                                        unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
@@ -1009,22 +1009,23 @@ def test_end_t0_lands_on_the_schedules_first_step():
 
 
 def test_dpmpp3m_tail_is_second_order_from_tail_order2_from():
-    """From TAIL_ORDER2_FROM steps on, 3M's last three steps are dpmpp2m_step (replayed from the trajectory), the
-    step before them third order; below it, the third-to-last step is still third order (and the two rules differ)."""
+    """On TAIL_ORDER2_FROM to LOWER_ORDER_FINAL - 1 steps, 3M's last three steps are dpmpp2m_step (replayed from the
+    trajectory), the step before them third order; below that only the second-to-last step is second order, and from
+    LOWER_ORDER_FINAL steps on none of these is (the rules differ at every such step)."""
     x_T = torch.randn(200, 2, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     ab, a0 = SCHED.alphas_cumprod, float(SCHED.alphas_cumprod[0])
-    for S in (TAIL_ORDER2_FROM - 1, TAIL_ORDER2_FROM, 20):
+    for S in (TAIL_ORDER2_FROM - 1, TAIL_ORDER2_FROM, LOWER_ORDER_FINAL - 1, LOWER_ORDER_FINAL):
         x, tr = sample(ORACLE, SCHED, x_T.shape, "dpmpp3m", S, noise=x_T, return_trajectory=True)
         a = [float(ab[t]) for t in tr.timesteps] + [a0 if S < ZERO_END_FROM else 1.0]
 
         def replay(k, third):
             args = (tr.x[k], tr.pred_x0[k], a[k], a[k + 1], tr.pred_x0[k - 1], a[k - 1])
             return dpmpp3m_step(*args, tr.pred_x0[k - 2], a[k - 2]) if third else dpmpp2m_step(*args)
-        tail = S >= TAIL_ORDER2_FROM
-        for k, third in ((S - 4, True), (S - 3, not tail), (S - 2, False)):
+        tail, short = TAIL_ORDER2_FROM <= S < LOWER_ORDER_FINAL, S < LOWER_ORDER_FINAL
+        for k, third in ((S - 4, True), (S - 3, not tail), (S - 2, not short)):
             assert torch.allclose(tr.x[k + 1], replay(k, third), atol=1e-12), (S, k)
-        assert not torch.allclose(replay(S - 3, True), replay(S - 3, False), atol=1e-6), S
-        if tail and S < ZERO_END_FROM:                                       # the last step, to t = 0
+            assert not torch.allclose(replay(k, True), replay(k, False), atol=1e-6), (S, k)
+        if tail:                                                             # the last step, to t = 0
             assert torch.allclose(x, replay(S - 1, False), atol=1e-12), S
 
 
