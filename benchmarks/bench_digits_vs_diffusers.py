@@ -8,7 +8,8 @@ training digits; samples clamped to [-1, 1] as `evaluate_samples` does) of
   chapters 13 and 20 use for this model ("ours, clipped"), and clipped on diffusers' DDIM steps,
   `spacing="leading"` ("ours, clipped, leading": from t = T - T/S down to t = 0), and clipped on the default
   spacing with the last step ending at σ = 0, `end="zero"` ("ours, clipped, end zero": where the default ends at
-  code t = 0, below 20 steps for DDIM and 10 for the multistep solvers, the former default);
+  code t = 0, below 20 steps, the former default), and clipped with 3M's last three steps at up to third order
+  ("ours, clipped, tail=3": TAIL_ORDER2_FROM set out of reach, the former 3M on 10 to 14 steps);
 - diffusers' DDIMScheduler, DPMSolverMultistepScheduler (2M, 3M), UniPCMultistepScheduler and
   DEISMultistepScheduler at their defaults (DDIM's default clips x̂_0 to [-1, 1]; the others do not clip),
   given the model's own betas, and the multistep ones also with timestep_spacing="leading" (", leading"):
@@ -18,13 +19,15 @@ all from the same x_T, paired over --seeds seeds of --n samples. Also the share 
 the clamp (a run that went numerically wrong shows there first).
 
     python benchmarks/bench_digits_vs_diffusers.py [--n 1000] [--seeds 3] [--nfe 5 10 20 50] [--out FILE]
-    in parts: [--ours default clipped clipped-leading clipped-zero] [--samplers ddim ...] [--no-diffusers] --out PART.json,
+    in parts: [--ours default clipped clipped-leading clipped-zero clipped-tail3] [--samplers ddim ...] [--no-diffusers] --out PART.json,
     then --merge PART.json ... --out FILE (the same --n, --seeds and --nfe in every part; a later part's
     keys replace an earlier one's)
 """
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import platform
 import sys
 import time
@@ -36,12 +39,25 @@ import torch
 from simple_diffusion import pretrained
 from simple_diffusion.data import load_digits
 from simple_diffusion.metrics import evaluate_samples, load_digits_classifier
+import simple_diffusion.sampling as sampling
 from simple_diffusion.sampling import SamplingWarning, sample
 
 OURS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc")
 VARIANTS = {"default": ("ours", False, None, None), "clipped": ("ours, clipped", True, None, None),
             "clipped-leading": ("ours, clipped, leading", True, "leading", None),
-            "clipped-zero": ("ours, clipped, end zero", True, None, "zero")}  # label, clip_denoised, spacing, end
+            "clipped-zero": ("ours, clipped, end zero", True, None, "zero"),  # label, clip_denoised, spacing, end
+            "clipped-tail3": ("ours, clipped, tail=3", True, None, None)}  # and TAIL_ORDER2_FROM out of reach
+
+
+@contextlib.contextmanager
+def full_tail(on):
+    "With on=True: 3M's last three steps at up to third order, as before TAIL_ORDER2_FROM (set out of reach)."
+    saved = sampling.TAIL_ORDER2_FROM
+    sampling.TAIL_ORDER2_FROM = math.inf if on else saved
+    try:
+        yield
+    finally:
+        sampling.TAIL_ORDER2_FROM = saved
 COUNTERPART = {"ddim": "ddim", "dpmpp2m": "dpm++2m", "dpmpp3m": "dpm++3m", "unipc": "unipc"}
 
 
@@ -122,9 +138,11 @@ def main():
         x_T = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
         for nfe in args.nfe:
             for s in args.samplers:
-                for tag, clip, sp, end in (VARIANTS[v] for v in args.ours):
-                    score(f"{tag} {s} {nfe}", sample(net, sched, x_T.shape, s, nfe, noise=x_T, clip_denoised=clip,
-                                                     spacing=sp, end=end, batch_size=500))
+                for v in args.ours:
+                    tag, clip, sp, end = VARIANTS[v]
+                    with full_tail(v == "clipped-tail3"):
+                        score(f"{tag} {s} {nfe}", sample(net, sched, x_T.shape, s, nfe, noise=x_T, clip_denoised=clip,
+                                                         spacing=sp, end=end, batch_size=500))
             for name, make in theirs.items():
                 score(f"diffusers {name} {nfe}", diffusers_run(make(), net, x_T, nfe))
         print(f"seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
