@@ -24,10 +24,8 @@ the clamp (a run that went numerically wrong shows there first).
     keys replace an earlier one's)
 """
 import argparse
-import contextlib
 import datetime
 import json
-import math
 import platform
 import sys
 import time
@@ -39,8 +37,9 @@ import torch
 from simple_diffusion import pretrained
 from simple_diffusion.data import load_digits
 from simple_diffusion.metrics import evaluate_samples, load_digits_classifier
-import simple_diffusion.sampling as sampling
 from simple_diffusion.sampling import SamplingWarning, sample
+
+from bench_sampler_error import full_tail  # 3M's last three steps at up to third order (beside this script)
 
 OURS = ("ddim", "dpmpp2m", "dpmpp3m", "unipc")
 VARIANTS = {"default": ("ours", False, None, None), "clipped": ("ours, clipped", True, None, None),
@@ -49,15 +48,6 @@ VARIANTS = {"default": ("ours", False, None, None), "clipped": ("ours, clipped",
             "clipped-tail3": ("ours, clipped, tail=3", True, None, None)}  # and TAIL_ORDER2_FROM out of reach
 
 
-@contextlib.contextmanager
-def full_tail(on):
-    "With on=True: 3M's last three steps at up to third order, as before TAIL_ORDER2_FROM (set out of reach)."
-    saved = sampling.TAIL_ORDER2_FROM
-    sampling.TAIL_ORDER2_FROM = math.inf if on else saved
-    try:
-        yield
-    finally:
-        sampling.TAIL_ORDER2_FROM = saved
 COUNTERPART = {"ddim": "ddim", "dpmpp2m": "dpm++2m", "dpmpp3m": "dpm++3m", "unipc": "unipc"}
 
 

@@ -35,6 +35,7 @@ summary prints the ratios both of the raw metric and of the excess over the pair
 Writes a JSON results file (the command, the date and the machine included) when --out is given.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -218,16 +219,23 @@ def summarise_mmd_widths(out) -> str:
     return "\n".join(lines)
 
 
-def ours_sample(oracle, sched, x_T, nfe, seed, kw):
-    """`sample` at these settings; kw tail3=True: 3M's last three steps at up to third order, as before
-    TAIL_ORDER2_FROM (the module constant set out of reach for this one call)."""
-    kw, saved = dict(kw), sampling.TAIL_ORDER2_FROM
-    if kw.pop("tail3", False):
-        sampling.TAIL_ORDER2_FROM = math.inf
+@contextlib.contextmanager
+def full_tail(on=True):
+    """With on=True: 3M's last three steps at up to third order, as before TAIL_ORDER2_FROM (the module constant
+    set out of reach inside the block; also used by bench_digits_vs_diffusers.py)."""
+    saved = sampling.TAIL_ORDER2_FROM
+    sampling.TAIL_ORDER2_FROM = math.inf if on else saved
     try:
-        return sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T, generator=torch.Generator().manual_seed(seed), **kw)
+        yield
     finally:
         sampling.TAIL_ORDER2_FROM = saved
+
+
+def ours_sample(oracle, sched, x_T, nfe, seed, kw):
+    "`sample` at these settings; kw tail3=True: inside full_tail()."
+    kw = dict(kw)
+    with full_tail(kw.pop("tail3", False)):
+        return sample(oracle, sched, x_T.shape, steps=nfe, noise=x_T, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 def run(args) -> dict:

@@ -577,8 +577,8 @@ def _step(
     sampler, x, x0, eps, hist, z, i, ab, co, eta, order=2, final_sigma=FINAL_SIGMA, end_abar=1.0
 ):
     """One step of `sampler` from x at step i (co: DDPM's c̃_1, c̃_2, σ_t; hist: earlier (x̂_0, ᾱ),
-    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order,
-    and from TAIL_ORDER2_FROM steps 3M's last three steps are;
+    oldest first). Below LOWER_ORDER_FINAL steps the second-to-last step is at most second order
+    (and 3M's last three steps are, from TAIL_ORDER2_FROM steps on);
     the last step of a multistep solver is Eq. (eq-sampling-final) where ς_2 <= final_sigma;
     the last step lands on ᾱ = end_abar, deterministically, Eq. (eq-sampling-end)."""
     abar, abar_prev = ab[i], ab[i - 1] if i > 0 else end_abar
