@@ -10,6 +10,7 @@ import os
 import sys
 import warnings
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,14 @@ from .core import make_grid
 from .parameterization import PREDICTIONS
 from .guidance import guided_sample
 from .inverse import METHODS, image_task, inpaint, super_resolve
-from .sampling import ENDS, SAMPLERS, SPACINGS, SamplingWarning, sample
+from simple_diffusion.sampling import (
+    ENDS,
+    SAMPLERS,
+    SPACINGS,
+    SamplingAdvice,
+    SamplingWarning,
+    sample,
+)
 from .schedules import SCHEDULES, NoiseSchedule
 from .training import (LOSSES, TrainConfig, TrainingInterrupted, check_config,
                                        check_state, ema_start_weight, ema_warmed_up,
@@ -143,14 +151,15 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
               end=args.end, prediction=cfg.prediction, variance=variance,
               clip_denoised=clip_denoised,
               batch_size=args.batch_size, progress=not args.quiet and rank == 0)
-    mine = {}
+    mine, said = {}, set()
     for k, lo in enumerate(range(0, args.n, SHARD)):
         if k % world != rank:
             continue
         n_k = min(SHARD, args.n - lo)
         g = torch.Generator(dev).manual_seed(_shard_seed(args.seed, k))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("error", SamplingWarning)   # numerically wrong: exit 1
+            warnings.simplefilter("always", SamplingAdvice)   # advice before sampling: say it
             try:
                 if labels is None:
                     x = sample(model, schedule, (n_k, *shape), generator=g, **kw)
@@ -159,6 +168,12 @@ def _draw(args, model, schedule, cfg, shape, clip_denoised: bool, labels=None) -
                                       guidance=getattr(args, "guidance", 0.0), generator=g, **kw)
             except SamplingWarning as w:
                 raise ValueError(f"sampling went numerically wrong: {w}") from None
+        for w in seen:  # once each, on stderr; other warnings as they were
+            if not issubclass(w.category, SamplingAdvice):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            elif rank == 0 and str(w.message) not in said:
+                said.add(str(w.message))
+                print(f"warning: {w.message}", file=sys.stderr)
         mine[k] = x.float().cpu()
     if world > 1:
         parts = [None] * world
@@ -233,6 +248,34 @@ def _save_png(x: torch.Tensor, path: str, rows: int | None = None, scale: int | 
     pic.save(path)
 
 
+def _check_output(path: str, suffix: str, flag: str) -> str:
+    "Refuse, before any work, an output path without `suffix`, a folder, or in a missing folder."
+    if not path.endswith(suffix):
+        raise ValueError(f"{flag} must name a {suffix} file, got {path!r}")
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a folder, not a {suffix} file")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: the folder {str(p.parent)!r} does not exist")
+    return path
+
+
+def _write_all(writers: dict):
+    """{path: write(file)}: each written to a partial file beside its path, then all renamed, so
+    that a failure leaves every existing file as it was."""
+    done = []
+    try:
+        for path, write in writers.items():
+            p = Path(path)
+            done.append((p.with_name(f".{p.stem}.partial{p.suffix}"), p))
+            write(str(done[-1][0]))
+        for tmp, p in done:
+            os.replace(tmp, p)
+    finally:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+
+
 def _save_scatter(x: torch.Tensor, path: str):
     "2-D samples as a scatter plot; the axes span the 0.5–99.5 % quantiles, not the outliers."
     import io
@@ -254,8 +297,9 @@ def _save_scatter(x: torch.Tensor, path: str):
 
 
 def _sample_command(args) -> int:
-    if not args.out.endswith(".png"):
-        raise ValueError(f"--out must name a .png file, got {args.out!r}")
+    _check_output(args.out, ".png", "--out")  # before any work, so a bad path costs nothing
+    if args.npy is not None:
+        _check_output(args.npy, ".npy", "--npy")
     if args.n < 1:
         raise ValueError(f"--n must be >= 1, got {args.n}")
     rank = _join_ranks(args)  # under torchrun the ranks share the sampling; rank 0 writes
@@ -269,9 +313,11 @@ def _sample_command(args) -> int:
     if args.labels and labels is None:
         raise ValueError("--labels needs --class (a label, or all)")
     text = [str(int(v)) for v in labels] if args.labels else None
-    _save_png(x, args.out, rows=K if args.label == "all" else None, scale=args.scale, labels=text)
-    if args.npy:
-        np.save(args.npy, x.numpy())
+    rows = K if args.label == "all" else None
+    writers = {args.out: lambda f: _save_png(x, f, rows=rows, scale=args.scale, labels=text)}
+    if args.npy is not None:
+        writers[args.npy] = lambda f: np.save(f, x.numpy())
+    _write_all(writers)  # both files or neither
     also = f" and {args.npy}" if args.npy else ""
     print(f"wrote {args.n} samples ({args.sampler}, {args.steps} steps) to {args.out}{also}")
     return 0
@@ -351,8 +397,9 @@ def _add_inverse_parser(sub, name: str):
 
 def _inverse_command(args) -> int:
     from simple_diffusion.data import load_npy_images
-    if not args.out.endswith(".npy"):
-        raise ValueError(f"--out must name a .npy file, got {args.out!r}")
+    _check_output(args.out, ".npy", "--out")
+    if args.png is not None:
+        _check_output(args.png, ".png", "--png")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     model, schedule, cfg, shape, _ = _load_model(args)
@@ -378,9 +425,10 @@ def _inverse_command(args) -> int:
                              f"must give the model's image shape {shape}")
         out = super_resolve(model, schedule, x.to(dev), f, **kw)
     out = out.float().cpu()
-    np.save(args.out, out.numpy())
-    if args.png:
-        _save_png(out, args.png)
+    writers = {args.out: lambda f: np.save(f, out.numpy())}
+    if args.png is not None:
+        writers[args.png] = lambda f: _save_png(out, f)
+    _write_all(writers)  # both files or neither
     also = f" and {args.png}" if args.png else ""
     print(f"wrote {len(out)} images ({args.command}, {args.method}, {args.steps} steps) "
           f"to {args.out}{also}")

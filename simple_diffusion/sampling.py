@@ -34,8 +34,8 @@ __all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'ENDS', 'SIGMA_MAX', 'SIGM
            'DEFAULT_SPACING', 'BLEND_FROM', 'MIDPOINT_FROM', 'ZERO_END_FROM', 'DEFAULT_END', 'DTYPES', 'ODE_SAMPLERS',
            'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step',
            'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'final_step_x0', 'dynamic_threshold',
-           'Denoiser', 'Trajectory', 'SamplingWarning', 'run_sampler', 'default_discretisation', 'sample',
-           'ode_reference', 'discretisation_error', 'optimise_timesteps']
+           'Denoiser', 'Trajectory', 'SamplingWarning', 'SamplingAdvice', 'run_sampler', 'default_discretisation',
+           'sample', 'ode_reference', 'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -73,7 +73,14 @@ def _spaced_by_lambda(abar, S, spacing, rho, sigma_max=SIGMA_MAX):
     ('logsnr-trailing'), or at the λ halfway between those two ('blend'), or ending at t = 0 after
     S - 1 steps uniform in t from t_max down to half a spacing ('midpoint'),
     Eq. (eq-sampling-logsnr), (eq-sampling-blend) and (eq-sampling-midpoint)."""
+    if not (np.isfinite(abar).all() and (abar > 0).any() and (abar < 1).all()):
+        raise ValueError("alphas_cumprod must be finite, below 1 and not all 0")
     t_max = int((abar >= 1 / (1 + sigma_max**2)).sum()) - 1
+    if t_max < 0:
+        raise ValueError(
+            f"sigma_max={sigma_max:g} is below σ/α = {math.sqrt((1 - abar[0]) / abar[0]):.3g} "
+            f"at t = 0: no step qualifies for spacing={spacing!r}"
+        )
     S = check_int(S, "steps", 1, t_max + 1)
     lam = _half_log_snr(abar[: t_max + 1])
     u = np.linspace(0.0, 1.0, S) if S > 1 else np.zeros(1)
@@ -545,7 +552,8 @@ class Trajectory(NamedTuple):
 
     x: (
         torch.Tensor
-    )  # [S+1, N, ...] x_T, then the state after each step (last: the sample)
+    )  # [S+1, N, ...] x_T, then the state after each step (last: the sample); for UniPC the
+    # predictor's output, where the next x̂_0 is computed (the corrector then moves it)
     pred_x0: torch.Tensor  # [S, N, ...] the x̂_0 of each step (after the hook)
     timesteps: (
         torch.Tensor
@@ -557,6 +565,12 @@ X0_LIMIT = 20.0  # samples beyond ±X0_LIMIT (data are scaled to about [-1, 1]) 
 
 class SamplingWarning(RuntimeWarning):
     "A sampling run went numerically wrong (non-finite samples, or far outside the data range)."
+
+
+class SamplingAdvice(SamplingWarning):
+    """Before sampling: settings that tend to give poor samples (a start that still holds signal,
+    one or two steps of an ε-model); the run itself may be sound. A SamplingWarning, so one
+    filter catches both; `simple-diffusion sample` stops on the others only."""
 
 
 def _ddpm_std(spaced, variance):
@@ -604,6 +618,14 @@ def _step(
     return dpmpp3m_step(x, x0, abar, abar_prev, *flat)
 
 # %% ../nbs/12_sampling.ipynb #073422da
+def _check_generator(generator):
+    "None or a torch.Generator, else ValueError."
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+
+
 @torch.no_grad()  # a hook that needs gradients opens torch.enable_grad()
 def run_sampler(
     denoiser: Denoiser,  # the network, its schedule and prediction type
@@ -623,12 +645,26 @@ def run_sampler(
     final_sigma: float = FINAL_SIGMA,  # multistep: 2nd-order last step where ς_2 <= this; 0: never
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:  # [N, ...] samples
     """Run `sampler` over the steps of `spaced`: steps outer, chunks inner, each step's noise drawn
-    for all N at once (so batch_size never changes the samples), Eqs. (eq-sampling-ddpm) to
+    for all N at once (so batch_size never changes the samples, up to the rounding of a network
+    whose float arithmetic depends on its batch size), Eqs. (eq-sampling-ddpm) to
     (eq-sampling-dpmpp3m) (Ho et al. 2020, Alg. 2; Song et al. 2021, Eq. 12; Lu et al. 2022,
     Alg. 2)."""
+    check_choice(sampler, SAMPLERS, "sampler")
+    if not isinstance(spaced, SpacedSchedule):
+        raise ValueError(
+            f"spaced must be a SpacedSchedule (from respace), got {type(spaced).__name__}"
+        )
+    if check_tensor(x_T, "x_T").shape[0] < 1:
+        raise ValueError(f"x_T must hold at least one sample, got shape {tuple(x_T.shape)}")
+    check_choice(variance, VARIANCES, "variance")
+    if check_number(eta, "eta", 0, 1) and sampler != "ddim":
+        raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with {sampler!r}")
+    if batch_size is not None:
+        check_int(batch_size, "batch_size", 1)
+    _check_generator(generator)
     S, N = spaced.num_timesteps, len(x_T)
     order = DEFAULT_ORDER[sampler] if order is None else order
-    check_choice(order, ORDERS[check_choice(sampler, SAMPLERS, "sampler")], "order")
+    check_choice(order, ORDERS[sampler], "order")
     final_sigma = check_number(final_sigma, "final_sigma", 0)
     end_abar = getattr(spaced, "final_abar", 1.0)
     if sampler == "ddpm" and getattr(spaced, "end", "zero") == "t0":
@@ -661,6 +697,7 @@ def run_sampler(
                 x0, eps, var_values = denoiser(x, t, kws[k])
                 new = hook(i, t, x, x0) if hook is not None else None
                 if new is not None:
+                    new = _check_hook_output(new, x0)
                     x0, eps = new, denoiser.eps_from_x0(x, t, new)
                 if sampler == "unipc" and lasts[k] is not None:  # Eq. (eq-sampling-unic)
                     xl, x0l, abl, pl = lasts[k]
@@ -706,6 +743,21 @@ def run_sampler(
     return x, Trajectory(
         torch.stack(traj[0]), torch.stack(traj[1]), spaced.timesteps.flip(0)
     )
+
+
+def _check_hook_output(new, x0):
+    "A hook's x̂_0: a tensor shaped like x̂_0 on its device (cast to its dtype), else ValueError."
+    if not isinstance(new, torch.Tensor) or new.shape != x0.shape or new.device != x0.device:
+        got = (
+            f"{type(new).__name__} of shape {tuple(new.shape)} on {new.device}"
+            if isinstance(new, torch.Tensor)
+            else type(new).__name__
+        )
+        raise ValueError(
+            f"hook must return None or a tensor shaped like x̂_0, {tuple(x0.shape)} on "
+            f"{x0.device}, got a {got}"
+        )
+    return new.to(x0.dtype)
 
 
 def _warn_if_wrong(x, denoiser, abar_top):
@@ -782,6 +834,11 @@ def default_discretisation(
     an ε-model, Eq. (eq-sampling-eps-amp), SIGMA_MAX otherwise; end = DEFAULT_END[sampler] at
     η = 0 (for a multistep solver below ZERO_END_FROM steps only: from there on its last step to
     σ = 0 is second order, Eq. (eq-sampling-final)), else 'zero', Eq. (eq-sampling-end)."""
+    check_choice(sampler, SAMPLERS, "sampler")
+    check_choice(prediction, PREDICTIONS, "prediction")
+    check_number(eta, "eta", 0, 1)
+    if steps is not None:
+        check_int(steps, "steps", 1, len(schedule))
     sigma_max = SIGMA_MAX_EPS if prediction == "eps" else SIGMA_MAX
     abar = schedule.alphas_cumprod
     allowed = int((abar >= 1 / (1 + sigma_max**2)).sum())
@@ -877,6 +934,7 @@ def _check_devices(dev, noise, generator, model_kwargs):
     if noise is not None and not _same_device(noise.device, dev):
         raise ValueError(f"noise is on {noise.device} but sampling runs on {dev}; move it")
     if generator is not None:
+        _check_generator(generator)
         if not (generator.device.type == "cpu" or _same_device(generator.device, dev)):
             raise ValueError(
                 f"generator is on {generator.device} but sampling runs on {dev}; use a generator "
@@ -907,13 +965,13 @@ def _check_start(spaced, prediction, clipped=False):
     if abar > 0.5:
         raise ValueError(f"steps/spacing: {msg}")
     if abar > 0.05:
-        warnings.warn(msg, SamplingWarning, stacklevel=3)
+        warnings.warn(msg, SamplingAdvice, stacklevel=3)
     if prediction == "eps" and spaced.num_timesteps <= 2 and not clipped:
         warnings.warn(
             f"steps={spaced.num_timesteps} with an ε-model: the sample is essentially x̂_0 at "
             f"σ/α = {math.sqrt((1 - abar) / abar):.3g}, which carries that multiple of the "
             "model's ε error; use steps >= 5, clip_denoised=True for images, or an x0/v model",
-            SamplingWarning,
+            SamplingAdvice,
             stacklevel=3,
         )
 
