@@ -29,13 +29,13 @@ from simple_diffusion.parameterization import (
 from .schedules import NoiseSchedule
 
 # %% auto #0
-__all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'ENDS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'UNIPC_ORDERS',
-           'LOWER_ORDER_FINAL', 'TAIL_ORDER2_FROM', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS', 'DEFAULT_ORDER',
-           'DEFAULT_SPACING', 'BLEND_FROM', 'MIDPOINT_FROM', 'ZERO_END_FROM', 'DEFAULT_END', 'DTYPES', 'ODE_SAMPLERS',
-           'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace', 'ddim_sigma', 'ddim_step',
-           'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'final_step_x0', 'dynamic_threshold',
-           'Denoiser', 'Trajectory', 'SamplingWarning', 'SamplingAdvice', 'run_sampler', 'default_discretisation',
-           'sample', 'ode_reference', 'discretisation_error', 'optimise_timesteps']
+__all__ = ['SAMPLERS', 'SPACINGS', 'CAPPED_SPACINGS', 'ENDS', 'SIGMA_MAX', 'SIGMA_MAX_EPS', 'MAX_STEP_RATIO', 'STENCIL_H',
+           'UNIPC_ORDERS', 'LOWER_ORDER_FINAL', 'TAIL_ORDER2_FROM', 'MULTISTEP', 'FINAL_SIGMA', 'X0_LIMIT', 'ORDERS',
+           'DEFAULT_ORDER', 'DEFAULT_SPACING', 'BLEND_FROM', 'MIDPOINT_FROM', 'ZERO_END_FROM', 'DEFAULT_END', 'DTYPES',
+           'ODE_SAMPLERS', 'REFERENCE_SAMPLER', 'ddpm_step', 'space_timesteps', 'SpacedSchedule', 'respace',
+           'ddim_sigma', 'ddim_step', 'dpmpp2m_step', 'dpmpp3m_step', 'unipc_step', 'unipc_correct', 'final_step_x0',
+           'dynamic_threshold', 'Denoiser', 'Trajectory', 'SamplingWarning', 'SamplingAdvice', 'run_sampler',
+           'default_discretisation', 'sample', 'ode_reference', 'discretisation_error', 'optimise_timesteps']
 
 # %% ../nbs/12_sampling.ipynb #df0d3ccc
 def ddpm_step(
@@ -291,6 +291,12 @@ def ddim_step(
 MAX_STEP_RATIO = (
     2.0  # multistep solvers drop an order when h > MAX_STEP_RATIO × the last h
 )
+STENCIL_H = 0.5  # third order also needs h <= MAX_STEP_RATIO × h_1 where h > STENCIL_H
+
+
+def _grows(h: float, h1: float) -> bool:
+    "A λ-step h too long for a third-order stencil whose oldest step is h1 (dpmpp3m_step)."
+    return h > STENCIL_H and h > MAX_STEP_RATIO * h1
 
 
 def _lam(abar: float) -> float:
@@ -340,7 +346,7 @@ def dpmpp3m_step(
         return lower()
     lam_s, lam_t, lam_u, lam_v = _lam(abar_s), _lam(abar_t), _lam(abar_u), _lam(abar_v)
     h, h0, h1 = lam_t - lam_s, lam_s - lam_u, lam_u - lam_v
-    if h > MAX_STEP_RATIO * h0 or h0 > MAX_STEP_RATIO * h1:
+    if h > MAX_STEP_RATIO * h0 or h0 > MAX_STEP_RATIO * h1 or _grows(h, h1):
         return lower()
     f1, f1_prev = (x0 - x0_u) / h0, (x0_u - x0_v) / h1
     f2 = (f1 - f1_prev) / (h0 + h1)  # p(τ) = x̂_0 + (f1 + h0 f2) τ + f2 τ²
@@ -374,7 +380,8 @@ def _unipc_update(x, m0, abar_s, abar_t, prev, order, m_new=None):
     if m_new is None and order >= 2:  # the predictor: the step-ratio guard of dpmpp3m_step
         h0 = lam_s - _lam(prev[0][1])
         h1 = _lam(prev[0][1]) - _lam(prev[1][1]) if order == 3 else math.inf
-        order = 1 if h > MAX_STEP_RATIO * h0 else 2 if h0 > MAX_STEP_RATIO * h1 else order
+        grow = h0 > MAX_STEP_RATIO * h1 or order == 3 and _grows(h, h1)  # as dpmpp3m_step
+        order = 1 if h > MAX_STEP_RATIO * h0 else 2 if grow else order
     rks = [(_lam(a) - lam_s) / h for _, a in prev[: order - 1]] + [1.0]
     D1s = [(m - m0) / r for (m, _), r in zip(prev[: order - 1], rks)]
     hh = -h
