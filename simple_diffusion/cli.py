@@ -47,6 +47,17 @@ def _add_threads_option(p):
                         "$OMP_NUM_THREADS if set)")
 
 
+def _seed(text: str) -> int:
+    "argparse type of --seed: an integer in [0, 2**63) (torch's generators take no more)."
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if not 0 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text!r}")
+    return v
+
+
 def _add_model_options(p, n_default: int, models: str):
     "Options shared by `sample` and `evaluate`: where the model comes from, and how to sample it."
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,7 +77,7 @@ def _add_model_options(p, n_default: int, models: str):
         ("--steps", int, 50, "network evaluations"),
         ("--eta", float, 0.0, "DDIM's eta in [0, 1]"),
         ("--n", int, n_default, "number of samples"),
-        ("--seed", int, 0, "random seed"),
+        ("--seed", _seed, 0, "random seed"),
         ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps"),
     )
     for flag, typ, default, text in options:
@@ -389,7 +400,7 @@ def _add_inverse_parser(sub, name: str):
                                   ("--zeta", float, 1.0, "DPS's step size"),
                                   ("--particles", int, 16, "TDS's particles N"),
                                   ("--sigma-y", float, 0.0, "measurement noise std (> 0 for tds)"),
-                                  ("--seed", int, 0, "random seed"),
+                                  ("--seed", _seed, 0, "random seed"),
                                   ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
         p.add_argument(flag, type=typ, default=dflt, help=f"{text} (default: {dflt})")
     p.add_argument("--quiet", action="store_true", help="(accepted for symmetry; no bar is shown)")
@@ -449,7 +460,7 @@ def _add_augment_parser(sub):
     for flag, typ, dflt, text in (("--guidance", float, 0.0, "classifier-free weight w >= 0"),
                                   ("--steps", int, 50, "network evaluations per sample"),
                                   ("--chunk", int, 512, "samples per sampler call"),
-                                  ("--seed", int, 0, "random seed"),
+                                  ("--seed", _seed, 0, "random seed"),
                                   ("--device", str, "auto", "auto, cpu, cuda, cuda:N or mps")):
         a.add_argument(flag, type=typ, default=dflt, help=f"{text} (default: {dflt})")
     a.add_argument("--quiet", action="store_true", help="no progress bar")

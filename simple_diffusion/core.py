@@ -20,7 +20,7 @@ def pick_device(
 ) -> torch.device:
     "Resolve a device name; `'auto'` takes CUDA, then Apple's MPS, then the CPU."
     if isinstance(device, torch.device):
-        return device
+        return _check_meta(device)
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -36,6 +36,13 @@ def pick_device(
         raise ValueError(
             f"device={device!r} but CUDA is not available here; use 'auto' or 'cpu'"
         )
+    return _check_meta(dev)
+
+
+def _check_meta(dev: torch.device) -> torch.device:
+    "`dev`, unless it is the meta device, whose tensors hold no data (ValueError)."
+    if dev.type == "meta":
+        raise ValueError("device='meta' holds no data to sample or train on; use 'auto' or 'cpu'")
     return dev
 
 # %% ../nbs/00_core.ipynb #e6b83bb5

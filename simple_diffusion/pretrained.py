@@ -45,6 +45,8 @@ def available(
     "Names of the shipped diffusion models: every <name>.json card with a train_config and its "
     "<name>.safetensors."
     d = Path(directory or weights_dir())
+    if not d.is_dir():
+        raise ValueError(f"directory {str(d)!r} is not a folder of model cards and weights")
     names = []
     for card in sorted(d.glob("*.json")):
         try:
