@@ -12,7 +12,7 @@ from simple_diffusion.nets import MLPDenoiser, make_unet
 from simple_diffusion.oracle import GaussianMixtureOracle
 from simple_diffusion.metrics import mmd2_rbf
 from simple_diffusion.parameterization import PREDICTIONS, x0_eps_from_output
-from simple_diffusion.sampling import (BLEND_FROM, LOWER_ORDER_FINAL, TAIL_ORDER2_FROM, ZERO_END_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, STENCIL_H, Denoiser,
+from simple_diffusion.sampling import (BLEND_FROM, LOWER_ORDER_FINAL, TAIL_ORDER2_FROM, ZERO_END_FROM, DEFAULT_SPACING, MAX_STEP_RATIO, MIDPOINT_FROM, MULTISTEP, SAMPLERS, SIGMA_MAX, SIGMA_MAX_EPS, SPACINGS, STENCIL_H, STENCIL_RATIO, Denoiser,
                                        SamplingWarning, SpacedSchedule, Trajectory, ddim_sigma, ddim_step, ddpm_step,
                                        default_discretisation, dpmpp2m_step, dpmpp3m_step, dynamic_threshold, respace, run_sampler, sample,
                                        unipc_correct, unipc_step, FINAL_SIGMA, final_step_x0,
@@ -459,19 +459,22 @@ def test_unipc_step_ratio_guard():
 
 
 def test_third_order_stencil_guard():
-    """Third order also needs h <= MAX_STEP_RATIO x h_1 (the growth across the stencil) for a λ-step longer than
-    STENCIL_H: two ratios just under MAX_STEP_RATIO in a row drop 3M to 2M and UniPC-3 to UniPC-2; short steps keep it."""
+    """Third order also needs h <= STENCIL_RATIO x h_1 (the growth across the stencil) for a λ-step longer than
+    STENCIL_H: two ratios just under MAX_STEP_RATIO in a row drop 3M to 2M and UniPC-3 to UniPC-2; short steps, or
+    a growth within STENCIL_RATIO, keep it."""
     g = torch.Generator().manual_seed(2)
     x, x0, x0u, x0v = (torch.randn(5, 2, generator=g, dtype=torch.float64) for _ in range(4))
     ab = lambda lam: 1 / (1 + math.exp(-2 * lam))
-    r = MAX_STEP_RATIO - 0.1                                   # each ratio within the guard, the product not
-    for h in (2 * STENCIL_H, 0.5 * STENCIL_H):
+    r_in = math.sqrt(STENCIL_RATIO) - 0.05                     # the product within STENCIL_RATIO
+    for h, r in ((2 * STENCIL_H, MAX_STEP_RATIO - 0.1), (0.5 * STENCIL_H, MAX_STEP_RATIO - 0.1), (2 * STENCIL_H, r_in)):
+        assert r <= MAX_STEP_RATIO                             # each ratio within the step-ratio guard
         h0, h1 = h / r, h / r ** 2
         s, u, v = ab(0.0), ab(-h0), ab(-h0 - h1)
         three = dpmpp3m_step(x, x0, s, ab(h), x0u, u, x0v, v)
         two = dpmpp2m_step(x, x0, s, ab(h), x0u, u)
         u3, u2 = (unipc_step(x, x0, s, ab(h), [(x0u, u), (x0v, v)][: p - 1], p) for p in (3, 2))
-        assert torch.equal(three, two) == torch.equal(u3, u2) == (h > STENCIL_H), h
+        dropped = h > STENCIL_H and r * r > STENCIL_RATIO
+        assert torch.equal(three, two) == torch.equal(u3, u2) == dropped, (h, r)
 
 
 @pytest.mark.parametrize("sname,pred,mix", [("linear", "v", "gmm8"), ("cosine", "eps", "gmm25")])
