@@ -626,6 +626,14 @@ def _step(
     return dpmpp3m_step(x, x0, abar, abar_prev, *flat)
 
 # %% ../nbs/12_sampling.ipynb #073422da
+def _check_eta(eta, sampler):
+    "η in [0, 1], and above 0 only for DDIM (ValueError naming eta)."
+    if check_number(eta, "eta", 0, 1) and sampler != "ddim":
+        raise ValueError(
+            f"eta applies to sampler='ddim' only, got eta={eta} with sampler={sampler!r}"
+        )
+
+
 def _check_generator(generator):
     "None or a torch.Generator, else ValueError."
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -665,8 +673,7 @@ def run_sampler(
     if check_tensor(x_T, "x_T").shape[0] < 1:
         raise ValueError(f"x_T must hold at least one sample, got shape {tuple(x_T.shape)}")
     check_choice(variance, VARIANCES, "variance")
-    if check_number(eta, "eta", 0, 1) and sampler != "ddim":
-        raise ValueError(f"eta applies to sampler='ddim' only, got eta={eta} with {sampler!r}")
+    _check_eta(eta, sampler)
     if batch_size is not None:
         check_int(batch_size, "batch_size", 1)
     _check_generator(generator)
@@ -903,11 +910,7 @@ def _check_sample_args(
     if not explicit:
         check_choice(spacing, SPACINGS, "spacing")
     check_choice(variance, VARIANCES, "variance")
-    if check_number(eta, "eta", 0, 1) and sampler != "ddim":
-        raise ValueError(
-            f"eta applies to sampler='ddim' only, got eta={eta} with "
-            f"sampler={sampler!r}"
-        )
+    _check_eta(eta, sampler)
     shape = tuple(shape) if isinstance(shape, (tuple, list, torch.Size)) else ()
     if len(shape) < 2:
         raise ValueError(
